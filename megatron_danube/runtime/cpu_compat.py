@@ -1,0 +1,124 @@
+"""Run megatron-core 0.16 on a machine without CUDA (tests, the CPU demo).
+
+megatron-core assumes CUDA in a few dozen places. Everything needed to run it on the CPU with
+the gloo backend lives in this module, and `apply()` is only ever called when the run's device
+is the CPU: the GPU path never imports a patched function.
+
+What is patched, and why (each was hit by a real code path; see
+shared/notes/megatron-core-0.16-on-cpu.md):
+
+* tensor factories (`torch.zeros/ones/empty/full/tensor/arange/...`) called with
+  `device="cuda"` or an integer device (pipeline schedules' token counters, clip_grads,
+  optimizer scalars, `get_default_causal_mask`): the CUDA device is rewritten to the CPU.
+* `torch.cuda.current_device()` is used as a device in rotary embeddings, p2p buffers and
+  more: it returns `torch.device("cpu")`.
+* `torch.cuda.synchronize()` (p2p, checkpoint writers): a no-op.
+* the CUDA RNG (megatron's tensor-parallel RNG tracker): mapped onto the CPU generator, so
+  `model_parallel_cuda_manual_seed` and `get_cuda_rng_tracker().fork()` work unchanged.
+* `Tensor.cuda()` (distributed-optimizer checkpoint save): returns the tensor itself.
+* `Tensor.type()` without arguments: megatron asserts `grad.type() == "torch.cuda.FloatTensor"`
+  in clip_grads and the distributed optimizer; on the CPU the name gains the `cuda.` prefix.
+
+The PP=2 + virtual-pipeline wrong-loss trap noted there is *not* CPU specific and is handled
+where the TransformerConfig is made (`models/config_builder.py`), not here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_APPLIED = False
+
+_FACTORIES = (
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "tensor",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "as_tensor",
+    "empty_strided",
+)
+_FACTORIES_LIKE = ("zeros_like", "ones_like", "empty_like", "full_like")
+
+
+def _is_cuda_device(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+def _redirect_device(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _cpu_tensor_type(original):
+    @functools.wraps(original)
+    def tensor_type(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(name, str) and self.device.type == "cpu":
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+
+    return tensor_type
+
+
+def is_applied() -> bool:
+    return _APPLIED
+
+
+def apply() -> None:
+    """Patch torch and megatron-core for a CPU-only process. Idempotent.
+
+    Refuses to run where CUDA is available: the GPU path must never see these patches.
+    """
+    global _APPLIED
+    if _APPLIED:
+        return
+    if torch.cuda.is_available() and os.environ.get("DANUBE_FORCE_CPU") != "1":
+        raise RuntimeError(
+            "cpu_compat.apply() called on a machine with CUDA; it is for CPU runs only"
+        )
+
+    for name in _FACTORIES + _FACTORIES_LIKE:
+        setattr(torch, name, _redirect_device(getattr(torch, name)))
+    torch.Tensor.type = _cpu_tensor_type(torch.Tensor.type)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: None
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.max_memory_allocated = lambda *args, **kwargs: 0
+    torch.cuda.memory_allocated = lambda *args, **kwargs: 0
+    torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
+
+    # megatron's RNG tracker reads and writes the CUDA generator through its own helpers.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+    _APPLIED = True

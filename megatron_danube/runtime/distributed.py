@@ -1,0 +1,206 @@
+"""Start a run: read the launcher's variables, pick the backend, make megatron's groups, seed.
+
+Works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK) and srun (SLURM_PROCID/SLURM_NTASKS/
+SLURM_LOCALID), and as a single plain process. On a machine without CUDA it uses gloo and
+applies `cpu_compat` (and only there).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import subprocess
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_danube.errors import DanubeConfigError
+from megatron_danube.models.layer_specs import resolve_spec
+from megatron_danube.models.presets import DanubeModelConfig
+from megatron_danube.runtime.layout import ParallelLayout
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+def _int_env(env, name) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise DanubeConfigError(f"environment variable {name}={env[name]!r} is not an integer")
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    # "node[01-04,07]" -> "node01"; "a,b" -> "a"
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def read_launch_env(env: Optional[dict] = None) -> LaunchEnv:
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE")
+        local = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        launcher = "torchrun"
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
+        local = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        launcher = "slurm"
+    else:
+        rank, world, local, launcher = 0, 1, 0, "single"
+    if not 0 <= rank < world:
+        raise DanubeConfigError(f"rank {rank} is outside world size {world}; check the launcher")
+    addr = env.get("MASTER_ADDR")
+    if addr is None:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        addr = _first_slurm_host(nodelist) if (launcher == "slurm" and nodelist) else "127.0.0.1"
+    if "MASTER_PORT" in env:
+        port = _int_env(env, "MASTER_PORT")
+    elif launcher == "slurm" and "SLURM_JOB_ID" in env:
+        port = 20000 + _int_env(env, "SLURM_JOB_ID") % 20000
+    else:
+        port = 29500
+    return LaunchEnv(rank, world, local, addr, port, launcher)
+
+
+@dataclass
+class Runtime:
+    launch: LaunchEnv
+    device: torch.device
+    spec: str
+    layout: ParallelLayout
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.rank == 0
+
+    @property
+    def data_parallel(self) -> int:
+        return self.layout.data_parallel(self.world_size)
+
+
+def resolve_device(requested: str) -> str:
+    if requested not in ("auto", "cuda", "cpu"):
+        raise DanubeConfigError(f"runtime.device={requested!r}; choose auto, cuda or cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DanubeConfigError("runtime.device=cuda but no CUDA GPU is visible; use auto or cpu")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def check_layout(
+    model: DanubeModelConfig,
+    layout: ParallelLayout,
+    *,
+    spec: str = "auto",
+    device: str = "auto",
+    seq_length: Optional[int] = None,
+    env: Optional[dict] = None,
+) -> tuple:
+    """Validate everything that can be checked before a process group exists."""
+    launch = read_launch_env(env)
+    device_type = resolve_device(device)
+    resolved_spec = resolve_spec(spec, device_type)
+    model.validate()
+    layout.validate(model, launch.world_size, spec=resolved_spec, seq_length=seq_length)
+    return launch, device_type, resolved_spec
+
+
+def initialize(
+    model: DanubeModelConfig,
+    layout: ParallelLayout,
+    *,
+    seed: int = 1234,
+    spec: str = "auto",
+    device: str = "auto",
+    seq_length: Optional[int] = None,
+    timeout_minutes: int = 30,
+) -> Runtime:
+    """Validate the layout, then init torch.distributed and megatron's parallel groups."""
+    launch, device_type, resolved_spec = check_layout(
+        model, layout, spec=spec, device=device, seq_length=seq_length
+    )
+    if device_type == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+        torch_device = torch.device("cuda", launch.local_rank)
+        backend = "nccl"
+    else:
+        from megatron_danube.runtime import cpu_compat
+
+        cpu_compat.apply()
+        torch_device = torch.device("cpu")
+        backend = "gloo"
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_parallel,
+        pipeline_model_parallel_size=layout.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=(
+            layout.virtual_pipeline if layout.virtual_pipeline > 1 else None
+        ),
+        context_parallel_size=layout.context_parallel,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    seed_everything(seed)
+    return Runtime(launch=launch, device=torch_device, spec=resolved_spec, layout=layout)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank for data order; megatron's tracker gives TP ranks their own."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
