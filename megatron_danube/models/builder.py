@@ -10,7 +10,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_danube.models.config_builder import gpt_model_kwargs
-from megatron_danube.models.layer_specs import layer_spec
+from megatron_danube.models.layer_specs import decoder_spec
 from megatron_danube.models.presets import DanubeModelConfig
 
 
@@ -24,7 +24,7 @@ def build_model_chunks(
     for vp_stage in stages:
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(spec),
+            transformer_layer_spec=decoder_spec(spec, config, vp_stage),
             pre_process=parallel_state.is_pipeline_first_stage(
                 ignore_virtual=False, vp_stage=vp_stage
             ),

@@ -17,6 +17,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_danube.errors import DanubeConfigError
@@ -89,11 +94,27 @@ def te_layer_spec() -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec()
 
 
-def layer_spec(spec: str) -> ModuleSpec:
+def local_block_spec(config, vp_stage=None) -> ModuleSpec:
+    """The local layers plus a final norm that also supports sequence parallelism.
+
+    Given only a layer spec, megatron picks the block's final norm itself (WrappedTorchNorm on
+    a machine without TE), which refuses SP.
+    """
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(
+            layer_specs=[local_layer_spec()] * num_layers, layer_norm=DanubeRMSNorm
+        ),
+    )
+
+
+def decoder_spec(spec: str, config, vp_stage=None) -> ModuleSpec:
+    """What GPTModel takes as `transformer_layer_spec` for this rank's chunk."""
     if spec == "te":
         return te_layer_spec()
     if spec == "local":
-        return local_layer_spec()
+        return local_block_spec(config, vp_stage)
     raise DanubeConfigError(f"resolved spec must be 'te' or 'local', got {spec!r}")
 
 

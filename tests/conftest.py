@@ -1,0 +1,56 @@
+import os
+import socket
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where none is present")
+    config.addinivalue_line("markers", "slurm: needs a local SLURM (installed by .ci/run)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, *args, nproc=2, timeout=900, env=None):
+    """Launch `script` under torchrun on this machine; return the CompletedProcess."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}", script, *map(str, args),
+    ]
+    full_env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    full_env.update(env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """One gloo rank with megatron groups, for in-process model tests (CPU)."""
+    from megatron_danube.models.presets import get_preset
+    from megatron_danube.runtime.distributed import initialize
+    from megatron_danube.runtime.layout import ParallelLayout
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        os.environ.pop(var, None)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return initialize(get_preset("danube-test"), ParallelLayout(), seed=1234, spec="local")
