@@ -1,0 +1,85 @@
+"""Write Megatron indexed datasets (`PREFIX.bin` + `PREFIX.idx`) safely.
+
+Output goes to temporary names next to the target and is renamed into place only when
+`commit()` is called after the last document: an interrupted writer never leaves a pair that
+looks complete. The `.bin` is renamed first and the `.idx` last, so a half-renamed pair has no
+index and megatron refuses it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+from megatron_danube.errors import DanubeConfigError
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def dataset_exists(prefix: str) -> bool:
+    return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
+
+
+class IndexedWriter:
+    def __init__(self, prefix: str, vocab_size: int, overwrite: bool = False):
+        self.prefix = prefix
+        if dataset_exists(prefix) and not overwrite:
+            raise DanubeConfigError(
+                f"{prefix}.bin/.idx already exist; choose another --output-prefix or pass "
+                f"--overwrite"
+            )
+        directory = os.path.dirname(os.path.abspath(prefix))
+        if not os.path.isdir(directory):
+            raise DanubeConfigError(f"output directory {directory} does not exist; create it first")
+        self._tmp = f"{prefix}.tmp-{os.getpid()}"
+        self._builder = IndexedDatasetBuilder(self._tmp + ".bin", dtype=token_dtype(vocab_size))
+        self.documents = 0
+        self.tokens = 0
+        self._done = False
+
+    def add_document(self, ids: Sequence[int], sentence_lengths: Optional[Sequence[int]] = None):
+        lengths = list(sentence_lengths) if sentence_lengths is not None else [len(ids)]
+        self._builder.add_document(np.asarray(ids), lengths)
+        self.documents += 1
+        self.tokens += len(ids)
+
+    def add_prefix(self, prefix: str) -> None:
+        """Append a whole existing dataset (used to merge partitions)."""
+        self._builder.add_index(prefix)
+        ds = IndexedDataset(prefix)
+        self.documents += len(ds.document_indices) - 1
+        self.tokens += int(ds.sequence_lengths.sum())
+
+    def commit(self) -> None:
+        self._builder.finalize(self._tmp + ".idx")
+        if os.path.exists(self.prefix + ".idx"):
+            os.remove(self.prefix + ".idx")
+        os.replace(self._tmp + ".bin", self.prefix + ".bin")
+        os.replace(self._tmp + ".idx", self.prefix + ".idx")
+        self._done = True
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        try:
+            self._builder.data_file.close()
+        except Exception:
+            pass
+        for ext in (".bin", ".idx"):
+            if os.path.exists(self._tmp + ext):
+                os.remove(self._tmp + ext)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
