@@ -83,7 +83,7 @@ def build_datasets(
         mmap_bin_files=True,
     )
     builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, None], lambda: True, config
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
     )
     train, valid, _ = builder.build()
     return train, valid

@@ -44,7 +44,11 @@ def _model_key(i: int, n: int) -> str:
 
 def model_sharded_state_dict(chunks) -> dict:
     n = len(chunks)
-    return {_model_key(i, n): chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    # Unwrapped from DDP so the stored keys are the model's own names (no "module." prefix).
+    return {
+        _model_key(i, n): getattr(chunk, "module", chunk).sharded_state_dict()
+        for i, chunk in enumerate(chunks)
+    }
 
 
 def _rng_sharded_object(is_loading: bool) -> ShardedObject:
@@ -87,6 +91,61 @@ def fix_shared_adam_step(optimizer) -> int:
                 else:
                     seen.add(id(step))
     return shared
+
+
+def ensure_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam state to load into; make it (zeros).
+
+    megatron 0.16 only does this itself for the FSDP format (else: `assert len(steps) == 1`).
+    The values are replaced by the checkpoint's; the step runs at lr 0 before any training.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            saved_lrs = [g["lr"] for g in opt.optimizer.param_groups]
+            for g in opt.optimizer.param_groups:
+                g["lr"] = 0.0
+            opt._init_optimizer_states_with_dummy_values()
+            for g, lr in zip(opt.optimizer.param_groups, saved_lrs):
+                g["lr"] = lr
+
+
+def load_optimizer_state(optimizer, state_dict) -> None:
+    """optimizer.load_state_dict, correct with torch's Adam (no TE/apex: also our GPU image).
+
+    megatron 0.16's DistributedOptimizer, loading the fully-reshardable format with torch Adam,
+    (1) puts one `step` tensor object into every parameter's state, and (2) then fails copying
+    the parameter state (`KeyError: 'step'`, the format stores no per-param step). While the
+    parameter state is copied, `step` is set aside; it is put back as a tensor per parameter.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+            state = opt.optimizer.state[main_param]
+            step = state.pop("step", None)
+            try:
+                original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step.detach().clone()
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append((opt, original))
+    try:
+        optimizer.load_state_dict(state_dict)
+    finally:
+        for opt, original in patched:
+            opt._set_main_param_and_optimizer_states = original
+    fix_shared_adam_step(optimizer)
 
 
 class CheckpointManager:
@@ -188,6 +247,7 @@ class CheckpointManager:
             state = json.load(f)
         sharded = model_sharded_state_dict(chunks)
         if load_optimizer and optimizer is not None:
+            ensure_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 sharded, is_loading=True, metadata=OPTIMIZER_METADATA
             )
@@ -204,10 +264,9 @@ class CheckpointManager:
                 f"{str(exc).splitlines()[0] if str(exc) else ''}"
             ) from exc
         for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[_model_key(i, len(chunks))])
+            getattr(chunk, "module", chunk).load_state_dict(loaded[_model_key(i, len(chunks))])
         if load_optimizer and optimizer is not None:
-            optimizer.load_state_dict(loaded["optimizer"])
-            fix_shared_adam_step(optimizer)
+            load_optimizer_state(optimizer, loaded["optimizer"])
         if same_layout and "rng_state" in loaded:
             from megatron.core.tensor_parallel import get_cuda_rng_tracker
 

@@ -1,0 +1,65 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, free_port
+
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory):
+    """Two small real-text corpora (pydoc topics split in two), tokenised with mistral-v1."""
+    from megatron_danube.data.demo_corpus import pydoc_paragraphs
+    from megatron_danube.data.indexed import IndexedWriter
+    from megatron_danube.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("mistral-v1")
+    root = tmp_path_factory.mktemp("corpora")
+    paras = list(pydoc_paragraphs())
+    prefixes = []
+    for i, part in enumerate((paras[0::2], paras[1::2])):
+        prefix = str(root / f"part{i}_text_document")
+        with IndexedWriter(prefix, tok.vocab_size) as w:
+            for p in part:
+                w.add_document(tok.encode(p) + [tok.eod])
+        prefixes.append(prefix)
+    return prefixes
+
+
+def pretrain_cmd(nproc):
+    if nproc == 1:
+        return [sys.executable, "-m", "megatron_danube.pretrain"]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}", "-m", "megatron_danube.pretrain"]
+
+
+def run_pretrain(run_dir, corpora, *overrides, nproc=2, config="tests/training/tiny_run.yaml",
+                 timeout=600, check=True, background=False):
+    args = pretrain_cmd(nproc) + [
+        "--config", os.path.join(REPO, config), f"run_dir={run_dir}",
+        f"data.blend=[{corpora[0]}]",
+        f"stages.1.blend=[0.3, {corpora[0]}, 0.7, {corpora[1]}]",
+        *overrides,
+    ]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    if background:
+        return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_losses(run_dir):
+    """{iteration: loss} from metrics.jsonl (train records only)."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec:
+                out[rec["iteration"]] = rec["loss"]
+    return out

@@ -1,0 +1,137 @@
+"""The trainer end to end on the CPU: loss falls, resume is exact, signals and kills are safe.
+
+Select with `pytest -k "resume or checkpoint"`.
+"""
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.training.conftest import run_pretrain, train_losses
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def tp2_runs(tmp_path_factory, corpora):
+    """An uninterrupted TP=2 run, and the same run stopped after 4 steps and resumed."""
+    root = tmp_path_factory.mktemp("tp2")
+    full, split = root / "full", root / "split"
+    run_pretrain(full, corpora, "parallel.tensor_parallel=2")
+    first = run_pretrain(split, corpora, "parallel.tensor_parallel=2", "train.exit_after_steps=4")
+    snapshot = root / "after4"
+    shutil.copytree(split, snapshot)  # the state at the stop, for the TP=1 resume
+    second = run_pretrain(split, corpora, "parallel.tensor_parallel=2")
+    return full, split, snapshot, first, second
+
+
+def test_loss_falls_on_the_tiny_corpus(tp2_runs):
+    losses = train_losses(tp2_runs[0])
+    assert len(losses) == STEPS
+    assert losses[STEPS] < losses[1] - 0.3, losses
+
+
+def test_resume_tp2_is_bitwise_identical(tp2_runs):
+    full, split, _, first, second = tp2_runs
+    assert "exit_after_steps=4" in first.stdout
+    assert "resumed from" in second.stdout and "iteration 4" in second.stdout
+    a, b = train_losses(full), train_losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    assert a == b  # bitwise: the floats are equal, not close
+
+
+def test_resume_across_a_stage_boundary_changes_seq_and_blend(tp2_runs):
+    full, split, *_ = tp2_runs
+    records = [json.loads(l) for l in open(os.path.join(split, "metrics.jsonl")) if '"loss"' in l]
+    seqs = {r["iteration"]: r["seq_length"] for r in records}
+    assert seqs[4] == 32 and seqs[5] == 64  # stopped at 4, resumed into stage 1 at step 5
+    assert train_losses(full)[5] == train_losses(split)[5]
+    cfg = open(os.path.join(split, "config.yaml")).read()
+    assert "0.7" in cfg  # stage 1's blend was in the resolved config
+
+
+def test_resume_checkpoint_saved_at_tp2_continues_at_tp1(tp2_runs, tmp_path, corpora):
+    full, _, snapshot, *_ = tp2_runs
+    run_dir = tmp_path / "tp1"
+    shutil.copytree(snapshot, run_dir)
+    proc = run_pretrain(run_dir, corpora, "parallel.tensor_parallel=1")
+    assert "resumed from" in proc.stdout
+    a, b = train_losses(full), train_losses(run_dir)
+    for it in range(5, STEPS + 1):
+        assert abs(a[it] - b[it]) <= 1e-5 * abs(a[it]), (it, a[it], b[it])
+
+
+def test_resume_pp2_dp2_is_bitwise_identical(tmp_path, corpora):
+    layout = ("parallel.pipeline_parallel=2",)
+    full, split = tmp_path / "full", tmp_path / "split"
+    run_pretrain(full, corpora, *layout, nproc=4)
+    run_pretrain(split, corpora, *layout, "train.exit_after_steps=3", nproc=4)
+    run_pretrain(split, corpora, *layout, nproc=4)
+    assert train_losses(full) == train_losses(split)
+
+
+def _workers(proc):
+    return [c for c in psutil.Process(proc.pid).children(recursive=True)
+            if "megatron_danube.pretrain" in " ".join(c.cmdline())]
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_checkpoint_on_sigterm_saves_exits_zero_and_resumes(tmp_path, corpora):
+    run_dir = tmp_path / "term"
+    slow = ("train.train_tokens=25600",)  # 100 steps: long enough to interrupt
+    proc = run_pretrain(run_dir, corpora, *slow, background=True)
+    metrics = run_dir / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 300,
+              "training to start")
+    for worker in _workers(proc):  # as srun/scancel --signal=TERM does: every task
+        worker.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "signal received" in out
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.split("_")[1])
+    assert 3 <= stopped_at < 100
+    again = run_pretrain(run_dir, corpora, *slow, "train.exit_after_steps=2")
+    assert f"at iteration {stopped_at}," in again.stdout
+    assert max(train_losses(run_dir)) == stopped_at + 2
+
+
+def test_checkpoint_killed_mid_save_leaves_previous_latest_loadable(tmp_path, corpora):
+    run_dir = tmp_path / "kill"
+    ckpts = run_dir / "checkpoints"
+    proc = run_pretrain(run_dir, corpora, "train.train_tokens=25600",
+                        "checkpoint.save_interval=3", background=True)
+
+    def saving_after_a_complete_one():
+        if not (ckpts / "latest").exists():
+            return False
+        return any(p.name.endswith(".partial") for p in ckpts.iterdir())
+
+    _wait_for(saving_after_a_complete_one, 300, "a second checkpoint save to start")
+    # The whole job, mid-save, as SLURM's cgroup kill does (workers run in their own sessions).
+    job = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in job:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(job, timeout=60)
+    latest = (ckpts / "latest").read_text().strip()
+    assert (ckpts / latest / "train_state.json").exists()
+    assert any(p.name.endswith(".partial") for p in ckpts.iterdir())  # the killed save
+    resumed = run_pretrain(run_dir, corpora, "train.train_tokens=25600",
+                           "checkpoint.save_interval=3", "train.exit_after_steps=1")
+    assert f"resumed from {ckpts / latest}" in resumed.stdout
