@@ -21,6 +21,7 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -258,7 +259,7 @@ class CheckpointManager:
             loaded = dist_checkpointing.load(
                 sharded, path, strict=StrictHandling.LOG_UNEXPECTED
             )
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:  # the latter is a BaseException
             raise DanubeConfigError(
                 f"cannot load checkpoint {path}: {type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}"

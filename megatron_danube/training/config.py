@@ -150,6 +150,11 @@ def _coerce(value, tp, key: str):
             raise DanubeConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DanubeConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -1,0 +1,108 @@
+"""Checkpoint internals in one process: the shared-Adam-step regression, corrupt inputs."""
+
+import os
+
+import pytest
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+from megatron_danube.errors import DanubeConfigError
+from megatron_danube.models.builder import build_model_chunks
+from megatron_danube.models.config_builder import build_transformer_config
+from megatron_danube.models.presets import get_preset
+from megatron_danube.runtime.layout import ParallelLayout
+from megatron_danube.training.checkpointing import CheckpointManager
+from megatron_danube.training.step import train_step, wrap_with_ddp
+
+MODEL = get_preset("danube-test")
+
+
+def _build(seed):
+    torch.manual_seed(seed)
+    config = build_transformer_config(MODEL, ParallelLayout(), spec="local", device_type="cpu")
+    chunks = wrap_with_ddp(build_model_chunks(MODEL, config, "local", torch.device("cpu")),
+                           config, use_distributed_optimizer=True)
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, adam_beta2=0.95,
+                        clip_grad=1.0, use_distributed_optimizer=True), chunks)
+    return chunks, opt
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(step)
+    t = torch.randint(0, MODEL.vocab_size, (2, 17), generator=g)
+    b = {"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(2, 16),
+         "position_ids": torch.arange(16).expand(2, 16)}
+    return [iter([b])]
+
+
+def _step(chunks, opt, step):
+    return train_step(chunks, opt, _batch(step), num_microbatches=1, seq_length=16,
+                      micro_batch_size=2)
+
+
+def _adam_steps(opt):
+    inner = opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt
+    return [s["step"] for s in inner.optimizer.state.values()] if hasattr(inner, "optimizer") \
+        else [s["step"] for s in inner.state.values()]
+
+
+def test_checkpoint_shared_adam_step_regression(single_rank, tmp_path):
+    """After loading a distributed-optimizer checkpoint, each param has its own Adam step.
+
+    megatron 0.16 gives all params one shared `step` tensor when torch's Adam is used (no
+    TE/apex); it then advances once per parameter per step and bias correction goes wrong.
+    """
+    chunks, opt = _build(0)
+    for step in range(2):
+        _step(chunks, opt, step)
+    manager = CheckpointManager(str(tmp_path), keep_last=2)
+    manager.save(2, chunks, opt, {"iteration": 2, "consumed_tokens": 64})
+
+    fresh_chunks, fresh_opt = _build(99)  # different init: everything must come from the file
+    manager.load(manager.latest(), fresh_chunks, fresh_opt)
+    steps = _adam_steps(fresh_opt)
+    assert len(steps) > 3
+    assert len({id(s) for s in steps}) == len(steps), "step tensors are shared"
+    assert all(s.item() == 2 for s in steps)
+
+    a = _step(chunks, opt, 2)
+    b = _step(fresh_chunks, fresh_opt, 2)
+    assert a["loss"] == b["loss"]
+    assert all(s.item() == 3 for s in _adam_steps(fresh_opt))
+    for p, q in zip(chunks[0].parameters(), fresh_chunks[0].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_latest_pointing_at_missing_folder_is_a_clear_error(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "latest").write_text("iter_0000042\n")
+    with pytest.raises(DanubeConfigError, match="names iter_0000042, which is missing"):
+        CheckpointManager(str(tmp_path)).latest()
+
+
+def test_checkpoint_corrupt_shard_is_a_clear_error(single_rank, tmp_path):
+    chunks, opt = _build(0)
+    _step(chunks, opt, 0)
+    manager = CheckpointManager(str(tmp_path))
+    path = manager.save(1, chunks, opt, {"iteration": 1, "consumed_tokens": 32})
+    shards = [f for f in os.listdir(path) if f.endswith(".distcp")]
+    assert shards
+    for f in shards:
+        with open(os.path.join(path, f), "r+b") as fh:
+            fh.truncate(64)
+    fresh_chunks, fresh_opt = _build(1)
+    with pytest.raises(DanubeConfigError, match="cannot load checkpoint"):
+        manager.load(path, fresh_chunks, fresh_opt)
+
+
+def test_checkpoint_keep_last_prunes_old_ones(single_rank, tmp_path):
+    chunks, opt = _build(0)
+    _step(chunks, opt, 0)
+    manager = CheckpointManager(str(tmp_path), keep_last=2)
+    for it in (1, 2, 3):
+        manager.save(it, chunks, opt, {"iteration": it, "consumed_tokens": 32 * it})
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert names == ["iter_0000002", "iter_0000003", "latest"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000003"

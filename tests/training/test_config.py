@@ -1,0 +1,67 @@
+import pytest
+
+from megatron_danube.errors import DanubeConfigError
+from megatron_danube.training.config import load_config
+from megatron_danube.training.stages import plan_stages, stage_at
+
+DEMO = "examples/configs/danube-tiny-cpu.yaml"
+
+
+def test_demo_config_loads_and_overrides_apply():
+    cfg = load_config(DEMO, ["train.train_tokens=2048", "parallel.tensor_parallel=2",
+                             "optim.lr=1e-4", "stages.1.seq_length=256"])
+    assert cfg.train.train_tokens == 2048 and cfg.parallel.tensor_parallel == 2
+    assert cfg.optim.lr == 1e-4 and cfg.stages[1].seq_length == 256
+    assert cfg.model.preset == "danube-tiny"
+
+
+def test_unknown_key_is_one_line_error_naming_it():
+    with pytest.raises(DanubeConfigError, match="unknown config key 'optim.learning_rate'") as e:
+        load_config(DEMO, ["optim.learning_rate=1"])
+    assert "\n" not in str(e.value)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    with pytest.raises(DanubeConfigError, match="train.micro_batch_size: expected an integer"):
+        load_config(DEMO, ["train.micro_batch_size=two"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("checkpoint:\n  async_save: maybe\n")
+    with pytest.raises(DanubeConfigError, match="checkpoint.async_save: expected true or false"):
+        load_config(str(bad))
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(DanubeConfigError, match="cannot read config"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(DanubeConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_stage_plan_keeps_tokens_per_step_constant():
+    cfg = load_config(DEMO)
+    stages = plan_stages(cfg, data_parallel=2, max_seq_length=512)
+    assert [s.seq_length for s in stages] == [64, 128]
+    assert [s.global_batch_seqs * s.seq_length for s in stages] == [1024, 1024]
+    assert [s.num_microbatches for s in stages] == [2, 1]
+    assert stage_at(stages, 163839).index == 0 and stage_at(stages, 163840).index == 1
+    assert stages[1].sample_index(163840 + 3 * 1024) == 24
+
+
+def test_danube_1_8b_example_stages():
+    cfg = load_config("examples/configs/danube-1.8b.yaml", ["data.blend=[x]"])
+    stages = plan_stages(cfg, data_parallel=8, max_seq_length=16384)
+    assert [s.seq_length for s in stages] == [2048, 4096, 8192, 16384]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.global_batch_tokens=1000", "not a multiple of stages\\[0\\].seq_length"),
+    ("stages.1.start_tokens=1000", "not a multiple of train.global_batch_tokens"),
+    ("train.micro_batch_size=3", "do not split into micro-batches"),
+    ("stages.0.start_tokens=64", "must be 0"),
+])
+def test_impossible_stage_plans(override, match):
+    cfg = load_config(DEMO, [override])
+    with pytest.raises(DanubeConfigError, match=match):
+        plan_stages(cfg, data_parallel=2, max_seq_length=512)
