@@ -56,7 +56,8 @@ def test_danube_1_8b_example_stages():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("train.global_batch_tokens=1000", "not a multiple of stages\\[0\\].seq_length"),
+    ("stages.1.seq_length=96", "not a multiple of stages\\[1\\].seq_length"),
+    ("train.global_batch_tokens=1000", "train_tokens 307200 is not a multiple"),
     ("stages.1.start_tokens=1000", "not a multiple of train.global_batch_tokens"),
     ("train.micro_batch_size=3", "do not split into micro-batches"),
     ("stages.0.start_tokens=64", "must be 0"),
