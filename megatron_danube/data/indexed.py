@@ -26,7 +26,8 @@ def dataset_exists(prefix: str) -> bool:
 
 
 class IndexedWriter:
-    def __init__(self, prefix: str, vocab_size: int, overwrite: bool = False):
+    def __init__(self, prefix: str, vocab_size: Optional[int] = None, overwrite: bool = False,
+                 dtype=None):
         self.prefix = prefix
         if dataset_exists(prefix) and not overwrite:
             raise DanubeConfigError(
@@ -37,7 +38,8 @@ class IndexedWriter:
         if not os.path.isdir(directory):
             raise DanubeConfigError(f"output directory {directory} does not exist; create it first")
         self._tmp = f"{prefix}.tmp-{os.getpid()}"
-        self._builder = IndexedDatasetBuilder(self._tmp + ".bin", dtype=token_dtype(vocab_size))
+        dtype = dtype if dtype is not None else token_dtype(vocab_size)
+        self._builder = IndexedDatasetBuilder(self._tmp + ".bin", dtype=dtype)
         self.documents = 0
         self.tokens = 0
         self._done = False
@@ -47,6 +49,21 @@ class IndexedWriter:
         self._builder.add_document(np.asarray(ids), lengths)
         self.documents += 1
         self.tokens += len(ids)
+
+    def add_batch(self, flat: np.ndarray, doc_lengths: np.ndarray, sentence_lengths=None) -> None:
+        """Many documents at once: one write for all their tokens."""
+        b = self._builder
+        b.data_file.write(np.ascontiguousarray(flat, dtype=b.dtype).tobytes(order="C"))
+        if sentence_lengths is None:
+            b.sequence_lengths.extend(doc_lengths.tolist())
+            start = len(b.sequence_lengths) - len(doc_lengths)
+            b.document_indices.extend(range(start + 1, len(b.sequence_lengths) + 1))
+        else:
+            for lens in sentence_lengths:
+                b.sequence_lengths.extend(lens)
+                b.document_indices.append(len(b.sequence_lengths))
+        self.documents += len(doc_lengths)
+        self.tokens += int(doc_lengths.sum())
 
     def add_prefix(self, prefix: str) -> None:
         """Append a whole existing dataset (used to merge partitions)."""
