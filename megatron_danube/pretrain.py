@@ -12,6 +12,7 @@ save. SIGTERM/SIGUSR1 make every rank save at the next step boundary and exit 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -251,7 +252,13 @@ def run(cfg: RunConfig) -> int:
             state.iteration,
             chunks,
             optimizer,
-            dict(state.to_dict(), stage=current.index if current else 0),
+            dict(
+                state.to_dict(),
+                stage=current.index if current else 0,
+                model=dataclasses.asdict(model_cfg),
+                tokenizer=cfg.data.tokenizer,
+                tokenizer_type=cfg.data.tokenizer_type,
+            ),
         )
 
     def evaluate():

@@ -10,6 +10,7 @@ or are fatal with --strict. Output is renamed into place only on success.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -138,7 +139,8 @@ def process_batch(task):
                 if sentence_lengths is not None:
                     sentence_lengths[i][-1] += 1
         lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
-        flat = np.fromiter((t for ids in encoded for t in ids), dtype=dtype, count=int(lengths.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype,
+                           count=int(lengths.sum()))
         out[key] = (flat, lengths, sentence_lengths)
     return out, bad, nbytes
 

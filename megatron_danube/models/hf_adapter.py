@@ -134,20 +134,47 @@ def hf_to_mcore(hf: Dict[str, torch.Tensor], model: DanubeModelConfig) -> Dict[s
     return out
 
 
-def mcore_to_hf(sd: Dict[str, torch.Tensor], model: DanubeModelConfig) -> Dict[str, torch.Tensor]:
-    """Full megatron state dict (either spec's names) -> HF state dict. Consumes `sd`."""
-    out = {}
+def iter_mcore_to_hf(sd: Dict[str, torch.Tensor], model: DanubeModelConfig):
+    """Yield (HF name, tensor) from a full megatron state dict, consuming it as it goes (so a
+    streaming writer holds about one copy of the weights)."""
     for m, name, hf_names, aliases in _expand(model):
         t = _lookup(sd, name, aliases, "the megatron checkpoint")
         if m.kind == "qkv":
-            out.update(zip(hf_names, _split_qkv(t, model)))
+            parts = zip(hf_names, _split_qkv(t, model))
         elif m.kind == "gate_up":
-            out.update(zip(hf_names, t.chunk(2, dim=0)))
+            parts = zip(hf_names, t.chunk(2, dim=0))
         elif m.kind == "vocab":
-            out[hf_names[0]] = t[: model.vocab_size]
+            parts = [(hf_names[0], t[: model.vocab_size])]
         else:
-            out[hf_names[0]] = t
-    return {k: v.contiguous() for k, v in out.items()}
+            parts = [(hf_names[0], t)]
+        for hf_name, tensor in parts:
+            yield hf_name, tensor.contiguous()
+
+
+def mcore_to_hf(sd: Dict[str, torch.Tensor], model: DanubeModelConfig) -> Dict[str, torch.Tensor]:
+    """Full megatron state dict (either spec's names) -> HF state dict. Consumes `sd`."""
+    return dict(iter_mcore_to_hf(sd, model))
+
+
+_STACKED = "decoder.layers."
+
+
+def unstack_layers(stacked: Dict[str, torch.Tensor], num_layers: int) -> Dict[str, torch.Tensor]:
+    """Checkpoint form (one `decoder.layers.X` tensor with a leading layer axis) -> per layer."""
+    out = {}
+    for key in list(stacked):
+        tensor = stacked.pop(key)
+        if key.startswith(_STACKED) and not key[len(_STACKED)].isdigit():
+            if tensor.shape[0] != num_layers:
+                raise DanubeConfigError(
+                    f"checkpoint tensor {key} has {tensor.shape[0]} layers, model has {num_layers}"
+                )
+            rest = key[len(_STACKED):]
+            for i, layer in enumerate(tensor.unbind(0)):
+                out[f"{_STACKED}{i}.{rest}"] = layer
+        else:
+            out[key] = tensor
+    return out
 
 
 def hf_config_dict(model: DanubeModelConfig, torch_dtype: str = "bfloat16") -> dict:
