@@ -10,6 +10,9 @@ shared/notes/megatron-core-0.16-on-cpu.md):
 * tensor factories (`torch.zeros/ones/empty/full/tensor/arange/...`) called with
   `device="cuda"` or an integer device (pipeline schedules' token counters, clip_grads,
   optimizer scalars, `get_default_causal_mask`): the CUDA device is rewritten to the CPU.
+  This is scoped: each loaded `megatron.core.*` module's global `torch` is replaced by a proxy
+  of the torch module whose factories redirect; torch itself is untouched, so other libraries
+  in the process (transformers builds RoPE buffers with these factories) are not affected.
 * `torch.cuda.current_device()` is used as a device in rotary embeddings, p2p buffers and
   more: it returns `torch.device("cpu")`.
 * `torch.cuda.synchronize()` (p2p, checkpoint writers): a no-op.
@@ -26,7 +29,10 @@ where the TransformerConfig is made (`models/config_builder.py`), not here.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+import sys
+import types
 
 import torch
 
@@ -81,6 +87,44 @@ def _cpu_tensor_type(original):
     return tensor_type
 
 
+class _TorchProxy(types.ModuleType):
+    """`torch` as megatron's modules see it on the CPU: factories map CUDA devices to CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES + _FACTORIES_LIKE:
+            setattr(self, name, _redirect_device(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_MEGATRON_MODULES = (
+    "megatron.core.utils",
+    "megatron.core.transformer.utils",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.random",
+)
+
+
+def _proxy_megatron_modules(proxy) -> None:
+    for name in _MEGATRON_MODULES:
+        importlib.import_module(name)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
+            module.torch = proxy
+
+
 def is_applied() -> bool:
     return _APPLIED
 
@@ -98,8 +142,8 @@ def apply() -> None:
             "cpu_compat.apply() called on a machine with CUDA; it is for CPU runs only"
         )
 
-    for name in _FACTORIES + _FACTORIES_LIKE:
-        setattr(torch, name, _redirect_device(getattr(torch, name)))
+    _proxy_megatron_modules(_TorchProxy())
+    # Global, but only meaningful for megatron's CUDA-type assertions (see the module doc).
     torch.Tensor.type = _cpu_tensor_type(torch.Tensor.type)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
