@@ -129,7 +129,11 @@ def load_megatron_weights(ckpt: str, model_cfg) -> Dict[str, torch.Tensor]:
         for k, v in loaded.items()
         if k in request
     }
-    return unstack_layers(weights, model_cfg.num_layers)
+    from megatron_danube.models.hf_adapter import check_mcore_shapes
+
+    weights = unstack_layers(weights, model_cfg.num_layers)
+    check_mcore_shapes(weights, model_cfg, ckpt)
+    return weights
 
 
 def export_tokenizer(spec: Optional[str], tokenizer_type: Optional[str], out_dir: str) -> bool:

@@ -77,6 +77,39 @@ def _expand(model: DanubeModelConfig):
             yield m, fill(m.mcore), tuple(fill(h) for h in m.hf), tuple(fill(a) for a in m.aliases)
 
 
+def expected_mcore_shapes(model: DanubeModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Full (TP=1) shape of every megatron tensor, by local-spec name."""
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    qkv_rows = (model.num_attention_heads + 2 * model.num_query_groups) * d
+    per_mapping = {
+        "embedding.word_embeddings.weight": (model.padded_vocab_size, h),
+        "decoder.final_layernorm.weight": (h,),
+        "output_layer.weight": (model.padded_vocab_size, h),
+        "decoder.layers.{i}.input_layernorm.weight": (h,),
+        "decoder.layers.{i}.self_attention.linear_qkv.weight": (qkv_rows, h),
+        "decoder.layers.{i}.self_attention.linear_proj.weight": (h, model.num_attention_heads * d),
+        "decoder.layers.{i}.pre_mlp_layernorm.weight": (h,),
+        "decoder.layers.{i}.mlp.linear_fc1.weight": (2 * f, h),
+        "decoder.layers.{i}.mlp.linear_fc2.weight": (h, f),
+    }
+    out = {}
+    for m, name, _, aliases in _expand(model):
+        shape = per_mapping[m.mcore]
+        for n in (name,) + aliases:
+            out[n] = shape
+    return out
+
+
+def check_mcore_shapes(sd: Dict[str, torch.Tensor], model: DanubeModelConfig, where: str) -> None:
+    expected = expected_mcore_shapes(model)
+    for name, tensor in sd.items():
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise DanubeConfigError(
+                f"{where}: {name} has shape {tuple(tensor.shape)} but model {model.name} expects "
+                f"{expected[name]}; is this checkpoint of another model (--model-preset)?"
+            )
+
+
 def _fuse_qkv(q, k, v, model: DanubeModelConfig):
     g, d, h = model.num_query_groups, model.head_dim, model.hidden_size
     per_group = model.num_attention_heads // g
@@ -110,6 +143,17 @@ def _lookup(sd: Dict[str, torch.Tensor], name: str, aliases: Tuple[str, ...], wh
 
 def hf_to_mcore(hf: Dict[str, torch.Tensor], model: DanubeModelConfig) -> Dict[str, torch.Tensor]:
     """HF state dict -> full megatron state dict (local-spec names). Consumes `hf`."""
+    expected_rows = {"q": model.num_attention_heads, "k": model.num_query_groups,
+                     "v": model.num_query_groups}
+    for key, tensor in hf.items():
+        for proj, heads in expected_rows.items():
+            if key.endswith(f"self_attn.{proj}_proj.weight") and tensor.shape != (
+                heads * model.head_dim, model.hidden_size
+            ):
+                raise DanubeConfigError(
+                    f"the HF checkpoint's {key} has shape {tuple(tensor.shape)}, but config.json "
+                    f"implies {(heads * model.head_dim, model.hidden_size)}"
+                )
     out = {}
     for m, name, hf_names, _ in _expand(model):
         tensors = [_lookup(hf, n, (), "the HF checkpoint") for n in hf_names]
@@ -126,6 +170,7 @@ def hf_to_mcore(hf: Dict[str, torch.Tensor], model: DanubeModelConfig) -> Dict[s
             out[name] = _pad_rows(tensors[0], model.padded_vocab_size)
         else:
             out[name] = tensors[0]
+    check_mcore_shapes(out, model, "the HF checkpoint")
     leftover = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
     if leftover:
         raise DanubeConfigError(
