@@ -90,6 +90,11 @@ def check_config(cfg: RunConfig):
         prefixes, _ = parse_blend(list(stage.blend), f"blend of stage {stage.index}")
         missing_ok = {cfg.data.demo_corpus_prefix} if cfg.data.demo_corpus_prefix else set()
         check_prefixes([p for p in prefixes if p not in missing_ok])
+    if not 0 <= cfg.optim.warmup_tokens < cfg.train.train_tokens:
+        raise DanubeConfigError(
+            f"optim.warmup_tokens {cfg.optim.warmup_tokens} must be >= 0 and below "
+            f"train.train_tokens {cfg.train.train_tokens}"
+        )
     if cfg.precision.params_dtype == "float16" and device_type != "cuda":
         raise DanubeConfigError("precision.params_dtype=float16 needs a GPU; use float32 on CPU")
     if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
