@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 

@@ -32,6 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(predicate, timeout, what, interval=0.05):
+    """Poll `predicate` until true; fail the test naming `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def torchrun(script, *args, nproc=2, timeout=900, env=None):
     """Launch `script` under torchrun on this machine; return the CompletedProcess."""
     cmd = [

@@ -82,7 +82,7 @@ def main(argv=None):
 
     rows = [("baseline: encode per line + IndexedDatasetBuilder (1 process)", base_s),
             (f"preprocess_data.py --workers {args.workers}", tool_s)]
-    print(f"\n| what | seconds | tokens/s | MB/s | ratio |\n| --- | --- | --- | --- | --- |")
+    print("\n| what | seconds | tokens/s | MB/s | ratio |\n| --- | --- | --- | --- | --- |")
     for name, s in rows:
         print(f"| {name} | {s:.1f} | {base_tokens / s:,.0f} | {size / 1e6 / s:.1f} | "
               f"{base_s / s:.2f}x |")

@@ -83,7 +83,7 @@ def expand_inputs(inputs: List[str]) -> List[str]:
                 ) from None
         if file_kind(f) == "parquet":
             try:
-                import pyarrow  # noqa: F401
+                import pyarrow  # noqa: F401  (availability check)
             except ImportError:
                 raise DanubeConfigError(f"--input {f}: parquet needs pyarrow; pip install pyarrow")
     return files

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_for
 
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "munged")
 missing = [b for b in BINARIES if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
@@ -116,15 +116,6 @@ def job_field(slurm, job, field):
                          capture_output=True, text=True).stdout
     match = re.search(rf"\b{field}=(\S+)", out)
     return match.group(1) if match else None
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_done(slurm, job, timeout=600):

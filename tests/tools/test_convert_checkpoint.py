@@ -75,7 +75,6 @@ def test_hf_to_mcore_to_hf_is_bit_identical(hf_dir, mcore_dir, tmp_path):
 
 
 def test_training_checkpoint_at_tp2_to_hf_generates_and_matches(tmp_path, tmp_path_factory):
-    from tests.training.conftest import corpora as _  # noqa: F401  (fixture module)
     from megatron_danube.compare import compare
     from megatron_danube.data.demo_corpus import ensure_demo_corpus
     from megatron_danube.data.tokenizer import load_tokenizer

@@ -7,11 +7,11 @@ import json
 import os
 import shutil
 import signal
-import time
 
 import psutil
 import pytest
 
+from tests.conftest import wait_for
 from tests.training.conftest import run_pretrain, train_losses
 
 STEPS = 8
@@ -80,21 +80,12 @@ def _workers(proc):
             if "megatron_danube.pretrain" in " ".join(c.cmdline())]
 
 
-def _wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_checkpoint_on_sigterm_saves_exits_zero_and_resumes(tmp_path, corpora):
     run_dir = tmp_path / "term"
     slow = ("train.train_tokens=25600",)  # 100 steps: long enough to interrupt
     proc = run_pretrain(run_dir, corpora, *slow, background=True)
     metrics = run_dir / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 300,
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 300,
               "training to start")
     for worker in _workers(proc):  # as srun/scancel --signal=TERM does: every task
         worker.send_signal(signal.SIGTERM)
@@ -120,7 +111,7 @@ def test_checkpoint_killed_mid_save_leaves_previous_latest_loadable(tmp_path, co
             return False
         return any(p.name.endswith(".partial") for p in ckpts.iterdir())
 
-    _wait_for(saving_after_a_complete_one, 300, "a second checkpoint save to start")
+    wait_for(saving_after_a_complete_one, 300, "a second checkpoint save to start")
     # The whole job, mid-save, as SLURM's cgroup kill does (workers run in their own sessions).
     job = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
     for p in job:
@@ -135,3 +126,28 @@ def test_checkpoint_killed_mid_save_leaves_previous_latest_loadable(tmp_path, co
     resumed = run_pretrain(run_dir, corpora, "train.train_tokens=25600",
                            "checkpoint.save_interval=3", "train.exit_after_steps=1")
     assert f"resumed from {ckpts / latest}" in resumed.stdout
+
+
+def test_checkpoint_after_nonfinite_losses_stops_the_run(tmp_path, corpora):
+    """A diverging run skips non-finite steps, and N in a row stop it with a checkpoint."""
+    run_dir = tmp_path / "nan"
+    proc = run_pretrain(run_dir, corpora, "optim.lr=1.0e+30", "optim.clip_grad=0.0",
+                        "train.max_bad_steps=2", "train.train_tokens=25600", nproc=1,
+                        check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2 non-finite losses in a row" in proc.stdout
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / latest / "train_state.json").exists()
+    state = json.loads((run_dir / "checkpoints" / latest / "train_state.json").read_text())
+    assert state["skipped_steps"] >= 2 and state["bad_steps_in_row"] == 2
+
+
+def test_resume_from_async_checkpoint_saves(tmp_path, corpora, tp2_runs):
+    """async_save: shards are written in the background; `latest` moves once they are done."""
+    run_dir = tmp_path / "async"
+    opts = ("parallel.tensor_parallel=2", "checkpoint.async_save=true", "checkpoint.save_interval=2")
+    run_pretrain(run_dir, corpora, *opts, "train.exit_after_steps=4")
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
+    run_pretrain(run_dir, corpora, *opts)
+    assert train_losses(run_dir) == train_losses(tp2_runs[0])
