@@ -32,26 +32,28 @@ MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
 def _init_single_rank(model_cfg) -> None:
-    import socket
-
+    """One gloo rank in this process (dist_checkpointing needs a process group)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_danube.runtime.distributed import initialize
     from megatron_danube.runtime.layout import ParallelLayout
 
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-            os.environ.pop(var, None)
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    if not parallel_state.model_parallel_is_initialized() or (
-        parallel_state.get_tensor_model_parallel_world_size() != 1
-        or parallel_state.get_pipeline_model_parallel_world_size() != 1
+    if parallel_state.model_parallel_is_initialized() and (
+        parallel_state.get_tensor_model_parallel_world_size() == 1
+        and parallel_state.get_pipeline_model_parallel_world_size() == 1
     ):
+        return
+    saved = dict(os.environ)
+    if not dist.is_initialized():
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
+                    "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)  # a single process: a free local port is picked
+    try:
         initialize(model_cfg, ParallelLayout(), spec="local", device="cpu")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 # ------------------------------------------------------------------------- megatron side

@@ -62,7 +62,13 @@ def single_rank():
     from megatron_danube.runtime.distributed import initialize
     from megatron_danube.runtime.layout import ParallelLayout
 
+    saved = dict(os.environ)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         os.environ.pop(var, None)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    return initialize(get_preset("danube-test"), ParallelLayout(), seed=1234, spec="local")
+    os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        return initialize(get_preset("danube-test"), ParallelLayout(), seed=1234, spec="local")
+    finally:
+        # Never leak this process's rendezvous port to the jobs the tests launch.
+        os.environ.clear()
+        os.environ.update(saved)

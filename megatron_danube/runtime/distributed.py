@@ -80,9 +80,19 @@ def read_launch_env(env: Optional[dict] = None) -> LaunchEnv:
         port = _int_env(env, "MASTER_PORT")
     elif launcher == "slurm" and "SLURM_JOB_ID" in env:
         port = 20000 + _int_env(env, "SLURM_JOB_ID") % 20000
+    elif launcher == "single":
+        port = _free_port()  # nothing else joins: any free port will do
     else:
         port = 29500
     return LaunchEnv(rank, world, local, addr, port, launcher)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

@@ -99,7 +99,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
 
 
 def sbatch(slurm, run_dir, corpus, *overrides, tokens=10240):
-    env = dict(slurm["env"], CONFIG="examples/configs/danube-tiny-cpu.yaml", RUN_DIR=str(run_dir))
+    env = {k: v for k, v in slurm["env"].items()  # sbatch exports the caller's environment
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(CONFIG="examples/configs/danube-tiny-cpu.yaml", RUN_DIR=str(run_dir))
     out = subprocess.run(
         [_bin("sbatch"), "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
          "--cpus-per-task=1", "--time=15", f"--output={run_dir}-slurm-%j.out",
