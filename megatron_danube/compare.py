@@ -25,18 +25,13 @@ def megatron_logits(mcore_dir: str, input_ids: torch.Tensor, preset: Optional[st
         resolve_checkpoint,
     )
     from megatron_danube.models.full_weights import load_full_weights
+    from megatron_danube.models.hf_adapter import to_local_names
 
     ckpt = resolve_checkpoint(mcore_dir)
     model_cfg = model_config_of(read_state(ckpt), preset)
     weights = load_megatron_weights(ckpt, model_cfg)
-    full = {k: v.float() for k, v in weights.items() if not k.endswith("_extra_state")}
     # checkpoints store norms under TE's names; the local model uses its own
-    for i in range(model_cfg.num_layers):
-        for te, local in (("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
-                          ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")):
-            key = f"decoder.layers.{i}.{te}"
-            if key in full:
-                full[f"decoder.layers.{i}.{local}"] = full.pop(key)
+    full = to_local_names({k: v.float() for k, v in weights.items()}, model_cfg)
     model = build_local_model(model_cfg, torch.float32).eval()
     load_full_weights([model], full)
     pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)

@@ -22,9 +22,9 @@ from typing import Dict, Optional
 import torch
 
 from megatron_danube.errors import DanubeConfigError
+from megatron_danube.training.checkpointing import STATE_FILE
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-STATE_FILE = "train_state.json"
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 

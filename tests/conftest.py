@@ -1,5 +1,4 @@
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -26,10 +25,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_danube.runtime.distributed import free_port  # noqa: E402,F401  (used by tests)
 
 
 def wait_for(predicate, timeout, what, interval=0.05):

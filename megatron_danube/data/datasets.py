@@ -7,7 +7,6 @@ reads exactly the samples an uninterrupted run would have read.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -87,11 +86,6 @@ def build_datasets(
     )
     train, valid, _ = builder.build()
     return train, valid
-
-
-def samples_for_tokens(tokens: int, seq_length: int, global_batch: int) -> int:
-    """Samples needed to cover `tokens`, rounded up to whole global batches."""
-    return math.ceil(tokens / (seq_length * global_batch)) * global_batch
 
 
 def microbatch_iterator(

@@ -169,12 +169,12 @@ def _batches(pieces: List[Piece]):
             yield piece, (piece.kind, records)
 
 
-def run_partition(pieces: List[Piece], prefixes: Dict[str, str], args, pool, progress) -> Stats:
+def run_partition(pieces: List[Piece], prefixes: Dict[str, str], args, pool, progress,
+                  vocab_size: int) -> Stats:
     """Tokenise `pieces` into one dataset per JSON key, in input order."""
-    tok = load_tokenizer(args.tokenizer_model, args.tokenizer_type)
     # Partition outputs of a merged run are intermediate: a killed earlier run's may be replaced.
     overwrite = args.overwrite or (args.partitions > 1 and args.partition_index is None)
-    writers = {k: IndexedWriter(p, tok.vocab_size, overwrite=overwrite) for k, p in prefixes.items()}
+    writers = {k: IndexedWriter(p, vocab_size, overwrite=overwrite) for k, p in prefixes.items()}
     stats = Stats()
     try:
         in_flight = deque()
@@ -345,7 +345,7 @@ def _main(args) -> int:
                 prefixes = finals
             else:
                 prefixes = {k: output_prefix(args.output_prefix, k, level, index) for k in args.json_keys}
-            stats = run_partition(pieces, prefixes, args, pool, progress)
+            stats = run_partition(pieces, prefixes, args, pool, progress, tok.vocab_size)
             totals.documents += stats.documents
             totals.tokens += stats.tokens
             totals.bytes += stats.bytes

@@ -141,6 +141,15 @@ def _lookup(sd: Dict[str, torch.Tensor], name: str, aliases: Tuple[str, ...], wh
     raise DanubeConfigError(f"{where} has no tensor {name!r}; is it a checkpoint of this model?")
 
 
+def to_local_names(sd: Dict[str, torch.Tensor], model: DanubeModelConfig) -> Dict[str, torch.Tensor]:
+    """Rename tensors stored under the TE spelling (the checkpoint form) to the local spec's."""
+    for _, name, _, aliases in _expand(model):
+        for alias in aliases:
+            if alias in sd:
+                sd[name] = sd.pop(alias)
+    return sd
+
+
 def hf_to_mcore(hf: Dict[str, torch.Tensor], model: DanubeModelConfig) -> Dict[str, torch.Tensor]:
     """HF state dict -> full megatron state dict (local-spec names). Consumes `hf`."""
     expected_rows = {"q": model.num_attention_heads, "k": model.num_query_groups,

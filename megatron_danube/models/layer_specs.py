@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -117,6 +116,3 @@ def decoder_spec(spec: str, config, vp_stage=None) -> ModuleSpec:
         return local_block_spec(config, vp_stage)
     raise DanubeConfigError(f"resolved spec must be 'te' or 'local', got {spec!r}")
 
-
-def device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -125,10 +125,6 @@ def _proxy_megatron_modules(proxy) -> None:
             module.torch = proxy
 
 
-def is_applied() -> bool:
-    return _APPLIED
-
-
 def apply() -> None:
     """Patch torch and megatron-core for a CPU-only process. Idempotent.
 

@@ -81,13 +81,14 @@ def read_launch_env(env: Optional[dict] = None) -> LaunchEnv:
     elif launcher == "slurm" and "SLURM_JOB_ID" in env:
         port = 20000 + _int_env(env, "SLURM_JOB_ID") % 20000
     elif launcher == "single":
-        port = _free_port()  # nothing else joins: any free port will do
+        port = free_port()  # nothing else joins: any free port will do
     else:
         port = 29500
     return LaunchEnv(rank, world, local, addr, port, launcher)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now."""
     import socket
 
     with socket.socket() as s:

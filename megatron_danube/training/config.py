@@ -118,14 +118,13 @@ def _coerce(value, tp, key: str):
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except DanubeConfigError as e:
-                errors.append(str(e))
+            except DanubeConfigError:
+                pass
         raise DanubeConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
