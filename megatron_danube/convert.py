@@ -37,7 +37,7 @@ def _init_single_rank(model_cfg) -> None:
     from megatron.core import parallel_state
 
     from megatron_danube.runtime.distributed import initialize
-    from megatron_danube.runtime.layout import ParallelLayout
+    from megatron_danube.config import ParallelLayout
 
     if parallel_state.model_parallel_is_initialized() and (
         parallel_state.get_tensor_model_parallel_world_size() == 1
@@ -275,8 +275,9 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def build_local_model(model_cfg, dtype: torch.dtype):
     from megatron_danube.models.builder import build_model_chunks
-    from megatron_danube.models.config_builder import PrecisionConfig, build_transformer_config
-    from megatron_danube.runtime.layout import ParallelLayout
+    from megatron_danube.config import PrecisionConfig
+    from megatron_danube.models.config_builder import build_transformer_config
+    from megatron_danube.config import ParallelLayout
 
     _init_single_rank(model_cfg)
     name = {v: k for k, v in DTYPES.items()}[dtype]

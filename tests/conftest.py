@@ -56,7 +56,7 @@ def single_rank():
     """One gloo rank with megatron groups, for in-process model tests (CPU)."""
     from megatron_danube.models.presets import get_preset
     from megatron_danube.runtime.distributed import initialize
-    from megatron_danube.runtime.layout import ParallelLayout
+    from megatron_danube.config import ParallelLayout
 
     saved = dict(os.environ)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):

@@ -26,7 +26,7 @@ def corpus(tmp_path_factory):
 def _run_example_config(config, tmp_path, corpus, *extra):
     run_dir = tmp_path / os.path.basename(config).replace(".yaml", "")
     # The example's stage schedule, scaled down: lengths /32 (2048 -> 64 ...), 2 steps.
-    from megatron_danube.training.config import load_config
+    from megatron_danube.config import load_config
 
     stages = load_config(config, ["data.blend=[x]"]).stages
     scaled = [f"stages.{i}.seq_length={s.seq_length // 32}" for i, s in enumerate(stages)]

@@ -65,12 +65,12 @@ def time_steps(step, warmup: int, steps: int) -> float:
 
 def plugin_runner(model_cfg, params_dtype: str):
     """Build the plugin's model, DDP and distributed optimizer once; return (step_fn, cleanup)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     from megatron_danube.models.builder import build_model_chunks
-    from megatron_danube.models.config_builder import PrecisionConfig, build_transformer_config
+    from megatron_danube.config import PrecisionConfig
+    from megatron_danube.models.config_builder import build_transformer_config
     from megatron_danube.runtime.distributed import initialize
-    from megatron_danube.runtime.layout import ParallelLayout
+    from megatron_danube.config import OptimSection, ParallelLayout
+    from megatron_danube.training.optim import make_optimizer
     from megatron_danube.training.step import train_step, wrap_with_ddp
 
     layout = ParallelLayout()
@@ -79,11 +79,7 @@ def plugin_runner(model_cfg, params_dtype: str):
                                       precision=PrecisionConfig(params_dtype=params_dtype))
     chunks = wrap_with_ddp(build_model_chunks(model_cfg, config, rt.spec, rt.device), config,
                            use_distributed_optimizer=True)
-    dtype = config.params_dtype
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.1, adam_beta2=0.95, clip_grad=1.0,
-                        bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                        use_distributed_optimizer=True), chunks)
+    optimizer = make_optimizer(OptimSection(lr=1e-4), chunks, config)
 
     def make_step(seq: int, mbs: int):
         g = torch.Generator(device="cpu").manual_seed(seq)

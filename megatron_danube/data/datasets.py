@@ -7,6 +7,7 @@ reads exactly the samples an uninterrupted run would have read.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -35,6 +36,9 @@ def parse_blend(blend: List, what: str = "data.blend") -> Tuple[List[str], Optio
 
 
 def check_prefixes(prefixes: List[str], what: str = "data.blend") -> None:
+    """Each prefix has a .bin/.idx pair whose header and sizes agree."""
+    from megatron_danube.data.indexed import check_indexed_files
+
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
@@ -42,6 +46,22 @@ def check_prefixes(prefixes: List[str], what: str = "data.blend") -> None:
                     f"{what}: {prefix}{ext} not found; preprocess the corpus with "
                     f"tools/preprocess_data.py or fix the prefix"
                 )
+        check_indexed_files(prefix)
+
+
+def dataset_fingerprint(prefixes: List[str]) -> str:
+    """A short hash of the datasets' identity (path, size and mtime of each .bin/.idx).
+
+    Megatron caches its sample indices by config, not by file contents: a corpus re-made under
+    the same prefix would silently reuse indices built for the old one. Keying the cache
+    folder by this fingerprint makes a changed dataset rebuild its indices.
+    """
+    digest = hashlib.sha256()
+    for prefix in prefixes:
+        for ext in (".idx", ".bin"):
+            st = os.stat(prefix + ext)
+            digest.update(f"{os.path.abspath(prefix)}{ext}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
 
 
 class _TokenizerInfo:
@@ -73,7 +93,7 @@ def build_datasets(
         sequence_length=seq_length,
         blend=(prefixes, weights),
         split=split,
-        path_to_cache=cache_dir,
+        path_to_cache=os.path.join(cache_dir, dataset_fingerprint(prefixes)),
         tokenizer=_TokenizerInfo(tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -92,12 +112,20 @@ def microbatch_iterator(
     dataset, first_sample: int, count: int, micro_batch_size: int
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """Yield `count` samples from `first_sample` on, stacked into micro-batches."""
+    vocab = dataset.config.tokenizer.vocab_size if hasattr(dataset, "config") else None
     for start in range(first_sample, first_sample + count, micro_batch_size):
         items = [dataset[i] for i in range(start, start + micro_batch_size)]
-        yield {
+        batch = {
             key: torch.stack([torch.as_tensor(item[key]) for item in items])
             for key in ("tokens", "labels", "loss_mask", "position_ids")
         }
+        if vocab is not None and int(batch["tokens"].max()) >= vocab:
+            raise DanubeConfigError(
+                f"the data holds token id {int(batch['tokens'].max())} but the tokenizer has "
+                f"{vocab} tokens; the corpus was tokenized with another tokenizer: "
+                f"re-preprocess it with data.tokenizer"
+            )
+        yield batch
 
 
 def step_iterators(

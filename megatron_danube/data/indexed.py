@@ -100,3 +100,38 @@ class IndexedWriter:
         else:
             self.abort()
         return False
+
+
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 4, 7: 8, 8: 2}  # megatron's DType codes
+
+
+def check_indexed_files(prefix: str) -> None:
+    """The .idx header and the .bin size agree (cheap: reads the header and two numbers).
+
+    Catches truncated or foreign files before a model is built, where megatron would fail
+    later with a buffer error that names no file.
+    """
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    fix = "re-run tools/preprocess_data.py for it"
+    with open(idx, "rb") as f:
+        header = f.read(34)
+    if len(header) < 34 or header[:9] != _IDX_MAGIC:
+        raise DanubeConfigError(f"{idx} is not a Megatron index file (bad header); {fix}")
+    code = header[17]
+    count, docs = np.frombuffer(header[18:34], dtype="<u8")
+    itemsize = _DTYPE_SIZES.get(code)
+    expected = 34 + 12 * int(count) + 8 * int(docs)
+    if itemsize is None or os.path.getsize(idx) != expected:
+        raise DanubeConfigError(f"{idx} is truncated or damaged (size mismatch); {fix}")
+    if count:
+        mm = np.memmap(idx, dtype=np.uint8, mode="r")
+        last_size = int(np.frombuffer(mm[34 + 4 * (count - 1):34 + 4 * count], dtype="<i4")[0])
+        ptr_at = 34 + 4 * int(count) + 8 * (int(count) - 1)
+        last_ptr = int(np.frombuffer(mm[ptr_at:ptr_at + 8], dtype="<i8")[0])
+        needed = last_ptr + last_size * itemsize
+        if os.path.getsize(bin_) < needed:
+            raise DanubeConfigError(
+                f"{bin_} has {os.path.getsize(bin_)} bytes but its index needs {needed}; "
+                f"the file is truncated; {fix}"
+            )

@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_danube.config.sections import ParallelLayout, PrecisionConfig, RecomputeConfig
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.presets import DanubeModelConfig
-from megatron_danube.runtime.layout import ParallelLayout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class PrecisionConfig:
-    params_dtype: str = "float32"  # bf16/fp16 parameters keep fp32 master weights in the optimizer
-    fp8: Optional[str] = None  # None | "delayed" | "tensorwise" | "mxfp8" (TE only)
-    fp8_amax_history_len: int = 1024
-    fp8_amax_compute_algo: str = "max"
-
-
-@dataclass
-class RecomputeConfig:
-    granularity: Optional[str] = None  # None | "selective" | "full"
-    method: str = "uniform"
-    num_layers: int = 1
 
 
 _FP8_RECIPES = {"delayed": "delayed", "tensorwise": "tensorwise", "mxfp8": "mxfp8"}
@@ -102,7 +86,7 @@ def build_transformer_config(
         batch_p2p_comm=not (pp == 2 and vpp > 1),
         use_cpu_initialization=not on_gpu,
         # Fusions only with TE on GPU. The local spec keeps the unfused ops that the CPU tests
-        # verify until a GPU run has measured the fused ones (issue 7's fast path).
+        # verify until a GPU run has measured the fused ones.
         bias_activation_fusion=on_gpu and spec == "te",
         bias_dropout_fusion=on_gpu and spec == "te",
         masked_softmax_fusion=False,

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.layer_specs import resolve_spec
 from megatron_danube.models.presets import DanubeModelConfig
-from megatron_danube.runtime.layout import ParallelLayout
+from megatron_danube.runtime.layout import validate_layout
+from megatron_danube.config import ParallelLayout
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,9 @@ class Runtime:
 
 def resolve_device(requested: str) -> str:
     if requested not in ("auto", "cuda", "cpu"):
-        raise DanubeConfigError(f"runtime.device={requested!r}; choose auto, cuda or cpu")
+        raise DanubeConfigError(f"train.device={requested!r}; choose auto, cuda or cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise DanubeConfigError("runtime.device=cuda but no CUDA GPU is visible; use auto or cpu")
+        raise DanubeConfigError("train.device=cuda but no CUDA GPU is visible; use auto or cpu")
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
@@ -144,7 +145,7 @@ def check_layout(
     device_type = resolve_device(device)
     resolved_spec = resolve_spec(spec, device_type)
     model.validate()
-    layout.validate(model, launch.world_size, spec=resolved_spec, seq_length=seq_length)
+    validate_layout(layout, model, launch.world_size, spec=resolved_spec, seq_length=seq_length)
     return launch, device_type, resolved_spec
 
 

@@ -3,12 +3,15 @@
 Layout of a run's `checkpoints/` folder:
 
     iter_0000100/          model, optimizer (fully reshardable), RNG (sharded, per rank)
-        train_state.json   iteration, consumed tokens, stage, scheduler, layout (plain JSON)
+        train_state.json   iteration, consumed tokens, stage, model, schedule, layout (JSON)
+        manifest.json      every file's size and CRC32, checked before the folder is used
     latest                 the name of the newest *complete* checkpoint
 
-A save is written to `iter_N.partial` and renamed when every rank has finished; `latest` is
-replaced atomically after that. A save killed half-way therefore leaves the previous
-checkpoint as `latest`. Nothing is loaded with pickle: the JSON holds the small state, and
+A save is written to `iter_N.partial` and renamed when every rank has finished and the manifest
+is written; `latest` is replaced atomically after that, and only then are old checkpoints
+pruned. A save killed half-way therefore leaves the previous checkpoint as `latest`; a damaged
+`latest` is skipped for the newest intact checkpoint with a warning; weights holding NaN or Inf
+are never saved. Nothing is loaded with pickle: the JSON holds the small state, and
 `TORCH_FORCE_WEIGHTS_ONLY_LOAD=1` makes every `torch.load` megatron does weights-only.
 """
 
@@ -17,7 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Optional
+import logging
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,7 +30,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_danube.config.sections import CheckpointSection
 from megatron_danube.errors import DanubeConfigError
+from megatron_danube.training import manifest
+
+logger = logging.getLogger(__name__)
 
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 STATE_FILE = "train_state.json"
@@ -149,34 +157,145 @@ def load_optimizer_state(optimizer, state_dict) -> None:
     fix_shared_adam_step(optimizer)
 
 
+def read_train_state(path: str) -> dict:
+    """A checkpoint's train_state.json; a one-line error when it is missing or unreadable."""
+    state_path = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_path):
+        raise DanubeConfigError(
+            f"{path} is not a complete megatron_danube checkpoint (no {STATE_FILE})"
+        )
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DanubeConfigError(
+            f"{state_path} is unreadable ({type(exc).__name__}); restore it or remove the "
+            f"checkpoint folder"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
+        raise DanubeConfigError(
+            f"{state_path} is not a train state (no iteration); restore it or remove the folder"
+        )
+    return state
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    """True when `ok` holds on every rank."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def weights_are_finite(chunks) -> bool:
+    """Whether every parameter on every rank is finite."""
+    ok = all(bool(torch.isfinite(p).all()) for chunk in chunks for p in chunk.parameters())
+    return _all_ranks_agree(ok)
+
+
+def read_pointer(folder: str) -> Optional[str]:
+    """The checkpoint name in `folder/latest`, or None where there is no pointer."""
+    pointer = os.path.join(folder, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        return f.read().strip() or None
+
+
+def checkpoint_names(folder: str) -> List[str]:
+    """Complete `iter_*` folders (they have a state file), oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(
+        n
+        for n in os.listdir(folder)
+        if n.startswith("iter_")
+        and not n.endswith(".partial")
+        and os.path.isfile(os.path.join(folder, n, STATE_FILE))
+    )
+
+
+def verify_checkpoint(path: str) -> Optional[str]:
+    """None when `path` matches its manifest, else the problem, checked by all ranks together.
+
+    Each rank reads a share of the files; a checkpoint written before manifests existed is
+    accepted with a warning.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not os.path.isfile(os.path.join(path, manifest.MANIFEST_FILE)):
+        if os.path.isfile(os.path.join(path, STATE_FILE)):
+            logger.warning("%s has no manifest (an older checkpoint); loading unverified", path)
+            return None
+    problem = manifest.verify_folder(path, rank, world)
+    if not dist.is_initialized():
+        return problem
+    problems = [None] * world
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
+
+
 class CheckpointManager:
-    def __init__(self, run_dir: str, keep_last: int = 3, async_save: bool = False):
+    """Saves, verifies, finds and prunes a run's checkpoints; decides when a save is due."""
+
+    def __init__(self, run_dir: str, cfg: Optional[CheckpointSection] = None):
+        cfg = cfg or CheckpointSection()
         self.dir = os.path.join(run_dir, "checkpoints")
-        self.keep_last = max(1, keep_last)
-        self.async_save = async_save
+        self.cfg = cfg
+        self.keep_last = max(1, cfg.keep_last)
+        self.last_saved_iteration: Optional[int] = None
         self._async_queue = None
-        if async_save:
+        if cfg.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self._async_queue = AsyncCallsQueue()
 
     # ----------------------------------------------------------------------------- finding
     def latest(self) -> Optional[str]:
-        pointer = os.path.join(self.dir, "latest")
-        if not os.path.isfile(pointer):
+        """The newest intact checkpoint: `latest` when it verifies, else the newest that does."""
+        pointed = read_pointer(self.dir)
+        candidates = checkpoint_names(self.dir)
+        problems = []
+        if pointed is not None and pointed not in candidates:
+            problems.append(f"`latest` names {pointed}, which is missing or incomplete")
+            logger.warning("%s in %s; looking for an older checkpoint", problems[-1], self.dir)
+        if pointed in candidates:  # try the pointer first, then the others, newest first
+            candidates.remove(pointed)
+            candidates.append(pointed)
+        for name in reversed(candidates):
+            path = os.path.join(self.dir, name)
+            problem = verify_checkpoint(path) if self.cfg.verify else None
+            if problem is None:
+                return path
+            problems.append(f"{name} is damaged: {problem}")
+            logger.warning("checkpoint %s; trying an older one", problems[-1])
+        if not problems:
             return None
-        with open(pointer) as f:
-            name = f.read().strip()
-        path = os.path.join(self.dir, name)
-        if not os.path.isfile(os.path.join(path, STATE_FILE)):
-            raise DanubeConfigError(
-                f"{pointer} names {name}, which is missing or incomplete; point `latest` at a "
-                f"complete iter_* folder or remove it to start afresh"
-            )
-        return path
+        raise DanubeConfigError(
+            f"no intact checkpoint in {self.dir} ({'; '.join(problems)}); restore one, or move "
+            f"the folder away to start afresh"
+        )
 
     # ----------------------------------------------------------------------------- saving
-    def save(self, iteration: int, chunks, optimizer, train_state: dict) -> str:
+    def save_if_due(self, iteration: int, chunks, optimizer, train_state, *, final: bool = False):
+        """Save at the interval, and always when `final`; never twice for one iteration."""
+        interval = self.cfg.save_interval
+        due = final or (interval is not None and iteration % interval == 0)
+        if not due or self.last_saved_iteration == iteration:
+            return None
+        return self.save(iteration, chunks, optimizer, train_state())
+
+    def save(self, iteration: int, chunks, optimizer, train_state: dict) -> Optional[str]:
+        if not weights_are_finite(chunks):
+            logger.error(
+                "not saving iteration %d: the weights hold NaN or Inf; `latest` stays at the "
+                "last healthy checkpoint", iteration,
+            )
+            return None
+        self.last_saved_iteration = iteration
         name = f"iter_{iteration:07d}"
         final, partial = os.path.join(self.dir, name), os.path.join(self.dir, name + ".partial")
         if dist.get_rank() == 0:
@@ -194,22 +313,9 @@ class CheckpointManager:
         state = dict(train_state, layout=_layout_signature(), checkpoint=name)
 
         def finalize():
-            _barrier()
-            if dist.get_rank() == 0:
-                # the state file marks the folder complete; written after all shards
-                with open(os.path.join(partial, STATE_FILE), "w") as f:
-                    json.dump(state, f, indent=1)
-                if os.path.exists(final):
-                    shutil.rmtree(final)
-                os.replace(partial, final)
-                tmp = os.path.join(self.dir, "latest.tmp")
-                with open(tmp, "w") as f:
-                    f.write(name + "\n")
-                os.replace(tmp, os.path.join(self.dir, "latest"))
-                self._prune(keep=name)
-            _barrier()
+            self._finalize(name, partial, final, state)
 
-        if self.async_save:
+        if self._async_queue is not None:
             request = dist_checkpointing.save(
                 sharded, partial, async_sharded_save=True, validate_access_integrity=True
             )
@@ -219,6 +325,34 @@ class CheckpointManager:
             dist_checkpointing.save(sharded, partial, validate_access_integrity=True)
             finalize()
         return final
+
+    def _finalize(self, name: str, partial: str, final: str, state: dict) -> None:
+        """State file, manifest (checksums read back from disk, spread over the ranks),
+        rename, `latest`, then pruning: in that order, so a crash anywhere leaves the previous
+        checkpoint as `latest` and never removes a checkpoint before its successor is whole."""
+        _barrier()
+        rank = dist.get_rank()
+        world = dist.get_world_size()
+        if rank == 0:
+            with open(os.path.join(partial, STATE_FILE), "w") as f:
+                json.dump(state, f, indent=1)
+        _barrier()
+        names = manifest.list_files(partial)
+        entries = manifest.describe(partial, names[rank::world])
+        gathered = [None] * world
+        dist.all_gather_object(gathered, entries)
+        if rank == 0:
+            merged = {k: v for part in gathered for k, v in part.items()}
+            manifest.write_manifest(partial, merged)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            tmp = os.path.join(self.dir, "latest.tmp")
+            with open(tmp, "w") as f:
+                f.write(name + "\n")
+            os.replace(tmp, os.path.join(self.dir, "latest"))
+            self._prune(keep=name)
+        _barrier()
 
     def maybe_finalize(self, blocking: bool = False) -> None:
         if self._async_queue is not None:
@@ -230,22 +364,33 @@ class CheckpointManager:
             self._async_queue.close()
 
     def _prune(self, keep: str) -> None:
-        names = sorted(
-            n for n in os.listdir(self.dir) if n.startswith("iter_") and not n.endswith(".partial")
-        )
-        for old in names[: -self.keep_last]:
+        for old in checkpoint_names(self.dir)[: -self.keep_last]:
             if old != keep:
                 shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
 
     # ----------------------------------------------------------------------------- loading
-    def load(self, path: str, chunks, optimizer, *, load_optimizer: bool = True) -> dict:
-        state_path = os.path.join(path, STATE_FILE)
-        if not os.path.isfile(state_path):
-            raise DanubeConfigError(
-                f"{path} is not a complete megatron_danube checkpoint (no {STATE_FILE})"
-            )
-        with open(state_path) as f:
-            state = json.load(f)
+    def load(
+        self,
+        path: str,
+        chunks,
+        optimizer,
+        *,
+        load_optimizer: bool = True,
+        verify: bool = False,
+        before_load: Optional[Callable[[dict], None]] = None,
+    ) -> dict:
+        """Load weights (and optimizer and RNG where asked and possible); returns the state.
+
+        `verify` checks the manifest first (`latest()` has already done so for its answer);
+        `before_load(state)` may refuse the checkpoint before any tensor is read.
+        """
+        state = read_train_state(path)
+        if before_load is not None:
+            before_load(state)
+        if verify and self.cfg.verify:
+            problem = verify_checkpoint(path)
+            if problem:
+                raise DanubeConfigError(f"checkpoint {path} is damaged: {problem}")
         sharded = model_sharded_state_dict(chunks)
         if load_optimizer and optimizer is not None:
             ensure_optimizer_state(optimizer)

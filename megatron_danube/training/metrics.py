@@ -1,15 +1,19 @@
-"""Throughput and model-FLOPs accounting, and the metric sinks (stdout, TensorBoard, JSONL)."""
+"""Throughput and model-FLOPs accounting, the per-step record, and the metric sinks (the
+log, TensorBoard, metrics.jsonl)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import time
-from typing import Optional
+from typing import Dict, Optional
 
 from megatron_danube.models.presets import DanubeModelConfig
 
 H100_BF16_DENSE_TFLOPS = 989.0
+logger = logging.getLogger(__name__)
 
 
 def flops_per_token(model: DanubeModelConfig, seq_length: int) -> float:
@@ -33,14 +37,34 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        self._path = os.path.join(run_dir, "metrics.jsonl")
+        self._jsonl = open(self._path, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
             except ImportError:
-                print("tensorboard is not installed; metrics go to metrics.jsonl only", flush=True)
+                logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop records past `iteration`: a resumed run writes those steps again, once."""
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        kept = []
+        with open(self._path) as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("iteration", 0) <= iteration:
+                        kept.append(line)
+                except ValueError:
+                    pass  # a line cut short by a crash
+        tmp = self._path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self._path)
+        self._jsonl = open(self._path, "a", buffering=1)
 
     def write(self, record: dict, step: int, prefix: str = "train") -> None:
         if not self.enabled:
@@ -84,3 +108,76 @@ class Throughput:
         if peak_tflops:
             out["mfu"] = tflops_per_gpu / peak_tflops
         return out
+
+
+class StepWindow:
+    """Loss and grad norm averaged over the steps since the last record.
+
+    A skipped step (non-finite loss or gradients) makes the window's figures NaN: a diverging
+    run must never look like a loss of 0.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.grad_norm, self.steps = 0.0, 0.0, 0
+
+    def add(self, loss: float, grad_norm: float) -> None:
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.steps += 1
+
+    def mean_loss(self) -> float:
+        return self.loss / self.steps if self.steps else math.nan
+
+    def mean_grad_norm(self) -> float:
+        return self.grad_norm / self.steps if self.steps else math.nan
+
+
+def step_record(
+    iteration: int,
+    consumed_tokens: int,
+    labels: Dict[str, int],
+    window: StepWindow,
+    throughput: Throughput,
+    *,
+    lr: float,
+    skipped_steps: int,
+    world_size: int,
+    peak_tflops: Optional[float],
+    eta_s: float,
+) -> dict:
+    """The metrics record of a logged step; also logs it as one line."""
+    rates = throughput.rates(world_size, peak_tflops)
+    record = {
+        "iteration": iteration,
+        "consumed_tokens": consumed_tokens,
+        **labels,
+        "loss": window.mean_loss(),
+        "lr": lr,
+        "grad_norm": window.mean_grad_norm(),
+        "skipped_steps": skipped_steps,
+        "memory_gib": memory_gib(),
+        "eta_s": eta_s,
+        **rates,
+    }
+    logger.info(
+        "iter %6d | tokens %s | loss %.4f | lr %.3e | grad %.3f | %s tok/s | %.2f TFLOP/s/GPU%s"
+        " | mem %.1f GiB | ETA %.1f min",
+        iteration, f"{consumed_tokens:,}", record["loss"], lr, record["grad_norm"],
+        f"{rates['tokens_per_s']:,.0f}", rates["tflops_per_gpu"],
+        f" | MFU {rates['mfu']:.1%}" if "mfu" in rates else "", record["memory_gib"], eta_s / 60,
+    )
+    return record
+
+
+def memory_gib() -> float:
+    """Peak GPU memory allocated, or this process's resident memory on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30

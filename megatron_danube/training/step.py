@@ -6,8 +6,9 @@ path: megatron DDP, `get_forward_backward_func`, `finalize_model_grads`, megatro
 
 from __future__ import annotations
 
+import math
 from functools import partial
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,9 @@ def wrap_with_ddp(
     return wrapped
 
 
+LM_REPORTS = {"lm loss": 2}  # [sum of token losses, token count]
+
+
 def _masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Sum of token losses and the token count: megatron divides by the count and microbatches."""
     mask = loss_mask.view(-1).float()
@@ -79,6 +83,12 @@ def lm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     return output, partial(_masked_token_loss, loss_mask)
 
 
+def lm_loss(reports: Dict[str, torch.Tensor]) -> float:
+    """Mean token loss from summed `lm loss` reports."""
+    total = reports["lm loss"]
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
 def forward_backward(
     chunks: List[torch.nn.Module],
     data_iterators: List[Iterator],
@@ -87,14 +97,19 @@ def forward_backward(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
-) -> torch.Tensor:
-    """Run the schedule; return [loss_sum, tokens] summed over microbatches and DP ranks.
+    forward_step_func: Callable = lm_forward_step,
+    report_sizes: Optional[Dict[str, int]] = None,
+) -> Dict[str, torch.Tensor]:
+    """Run the schedule; return each report summed over microbatches and DP ranks.
 
-    The result is valid on every rank (broadcast from the last pipeline stage).
+    `report_sizes` names the loss function's reports and their lengths (the last pipeline
+    stage produces them; the others need the shapes to take part in the reduction). The
+    result is valid on every rank (shared from the last pipeline stage).
     """
+    report_sizes = report_sizes or LM_REPORTS
     fwd_bwd = get_forward_backward_func()
     results = fwd_bwd(
-        forward_step_func=lm_forward_step,
+        forward_step_func=forward_step_func,
         data_iterator=data_iterators if len(chunks) > 1 else data_iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=num_microbatches,
@@ -103,15 +118,16 @@ def forward_backward(
         forward_only=forward_only,
     )
     device = next(chunks[0].parameters()).device
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    keys = sorted(report_sizes)
+    totals = torch.zeros(sum(report_sizes.values()), dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for item in results:
-            totals += item["lm loss"].to(torch.float64)
+            totals += torch.cat([item[k].to(torch.float64).view(-1) for k in keys])
     # Sum over DP x CP (each saw different tokens), then share from the last PP stage.
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    return totals
+    return dict(zip(keys, totals.split([report_sizes[k] for k in keys])))
 
 
 def zero_grads(chunks: List[DistributedDataParallel], optimizer=None) -> None:
@@ -119,6 +135,22 @@ def zero_grads(chunks: List[DistributedDataParallel], optimizer=None) -> None:
         chunk.zero_grad_buffer()
     if optimizer is not None:
         optimizer.zero_grad()
+
+
+def grads_are_finite(chunks: List[DistributedDataParallel]) -> bool:
+    """Whether every gradient on every rank is finite (one all-reduce over the world).
+
+    Megatron's bf16/fp32 optimizers step on NaN gradients without a word; checking the grad
+    buffers after the reduction catches a NaN from any rank, micro-batch or pipeline stage.
+    """
+    ok = True
+    for chunk in chunks:
+        for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", []):
+            ok = ok and bool(torch.isfinite(buffer.grad_data).all())
+    device = next(chunks[0].parameters()).device
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def train_step(
@@ -129,22 +161,30 @@ def train_step(
     num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
-) -> Dict[str, float]:
-    """Forward, backward, optimizer step. Returns loss, grad norm and whether the step ran."""
+    forward_step_func: Callable = lm_forward_step,
+    report_sizes: Optional[Dict[str, int]] = None,
+    loss_of: Callable[[Dict[str, torch.Tensor]], float] = lm_loss,
+) -> Dict[str, object]:
+    """Forward, backward, optimizer step; the step is skipped when loss or gradients are not
+    finite. Returns loss, grad norm, whether the step was skipped, and the summed reports."""
     zero_grads(chunks, optimizer)
-    totals = forward_backward(
+    reports = forward_backward(
         chunks,
         data_iterators,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
+        forward_step_func=forward_step_func,
+        report_sizes=report_sizes,
     )
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    loss = loss_of(reports)
+    result = {"loss": loss, "grad_norm": float("nan"), "skipped": False, "reports": reports}
     if optimizer is None:
-        return {"loss": loss, "grad_norm": float("nan"), "skipped": False, "tokens": totals[1].item()}
-    if not torch.isfinite(torch.tensor(loss)):
-        # Megatron's fp32 optimizer has no inf check; never step on a non-finite loss.
-        return {"loss": loss, "grad_norm": float("nan"), "skipped": True, "tokens": totals[1].item()}
+        return result
+    if not math.isfinite(loss) or not grads_are_finite(chunks):
+        result["skipped"] = True  # never step on a non-finite loss or gradient
+        return result
     success, grad_norm, _ = optimizer.step()
-    grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-    return {"loss": loss, "grad_norm": grad_norm, "skipped": not success, "tokens": totals[1].item()}
+    result["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
+    result["skipped"] = not success
+    return result

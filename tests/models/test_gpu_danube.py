@@ -18,12 +18,13 @@ def models():
     from transformers import MistralConfig, MistralForCausalLM
 
     from megatron_danube.models.builder import build_model_chunks
-    from megatron_danube.models.config_builder import PrecisionConfig, build_transformer_config
+    from megatron_danube.config import PrecisionConfig
+    from megatron_danube.models.config_builder import build_transformer_config
     from megatron_danube.models.full_weights import full_named_parameters
     from megatron_danube.models.hf_adapter import hf_config_dict, mcore_to_hf
     from megatron_danube.models.presets import get_preset
     from megatron_danube.runtime.distributed import initialize
-    from megatron_danube.runtime.layout import ParallelLayout
+    from megatron_danube.config import ParallelLayout
     from tests.conftest import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))

@@ -68,7 +68,7 @@ def test_rmsnorm_matches_hf_mistral_rmsnorm(single_rank):
     from megatron_danube.models.config_builder import build_transformer_config
     from megatron_danube.models.local_layers import DanubeRMSNorm
     from megatron_danube.models.presets import get_preset
-    from megatron_danube.runtime.layout import ParallelLayout
+    from megatron_danube.config import ParallelLayout
 
     config = build_transformer_config(
         get_preset("danube-test"), ParallelLayout(), spec="local", device_type="cpu"
@@ -91,7 +91,7 @@ def _megatron_and_hf(single_rank, attn_implementation):
     from megatron_danube.models.full_weights import full_named_parameters
     from megatron_danube.models.hf_adapter import hf_config_dict, mcore_to_hf
     from megatron_danube.models.presets import get_preset
-    from megatron_danube.runtime.layout import ParallelLayout
+    from megatron_danube.config import ParallelLayout
 
     model = get_preset("danube-test")
     config = build_transformer_config(model, ParallelLayout(), spec="local", device_type="cpu")

@@ -5,7 +5,7 @@ from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.builder import build_model_chunks, count_parameters
 from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.models.presets import get_preset, list_presets
-from megatron_danube.runtime.layout import ParallelLayout
+from megatron_danube.config import ParallelLayout
 
 DANUBE_1_8B_PARAMS = 1_831_201_280  # HF MistralForCausalLM's count for h2oai/h2o-danube-1.8b-base
 

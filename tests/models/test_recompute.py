@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from megatron_danube.models.builder import build_model_chunks
-from megatron_danube.models.config_builder import RecomputeConfig, build_transformer_config
+from megatron_danube.config import RecomputeConfig
+from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.models.full_weights import full_named_parameters, load_full_weights
 from megatron_danube.models.presets import get_preset
-from megatron_danube.runtime.layout import ParallelLayout
+from megatron_danube.config import ParallelLayout
 
 MODEL = get_preset("danube-test")
 

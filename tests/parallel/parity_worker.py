@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron_danube.training.optim import make_optimizer  # noqa: E402
 
 from megatron_danube.models.builder import build_model_chunks  # noqa: E402
 from megatron_danube.models.config_builder import build_transformer_config  # noqa: E402
@@ -29,7 +29,7 @@ from megatron_danube.models.full_weights import (  # noqa: E402
 )
 from megatron_danube.models.presets import get_preset  # noqa: E402
 from megatron_danube.runtime.distributed import initialize  # noqa: E402
-from megatron_danube.runtime.layout import ParallelLayout  # noqa: E402
+from megatron_danube.config import OptimSection, ParallelLayout  # noqa: E402
 from megatron_danube.training.step import forward_backward, train_step, wrap_with_ddp  # noqa: E402
 
 MODEL = get_preset("danube-test")
@@ -74,16 +74,8 @@ def wrap(config, chunks, distributed_optimizer, with_optimizer):
     ddp = wrap_with_ddp(chunks, config, use_distributed_optimizer=distributed_optimizer)
     optimizer = None
     if with_optimizer:
-        opt_config = OptimizerConfig(
-            optimizer="adam",
-            lr=1e-3,
-            weight_decay=0.1,
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            clip_grad=1.0,
-            use_distributed_optimizer=distributed_optimizer,
-        )
-        optimizer = get_megatron_optimizer(opt_config, ddp)
+        optim = OptimSection(lr=1e-3, use_distributed_optimizer=distributed_optimizer)
+        optimizer = make_optimizer(optim, ddp, config)
     return ddp, optimizer
 
 
@@ -105,7 +97,7 @@ def run(layout, full_weights, *, reference, distributed_optimizer=False, steps=0
             for chunk in ddp:
                 chunk.zero_grad_buffer()
             totals = forward_backward(ddp, iters, **kwargs)
-            losses.append((totals[0] / totals[1]).item())
+            losses.append((totals["lm loss"][0] / totals["lm loss"][1]).item())
         else:
             losses.append(train_step(ddp, optimizer, iters, **kwargs)["loss"])
     return rt, chunks, losses

@@ -3,7 +3,7 @@ import pytest
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.runtime.distributed import _first_slurm_host, check_layout, read_launch_env
 from megatron_danube.models.presets import get_preset
-from megatron_danube.runtime.layout import ParallelLayout
+from megatron_danube.config import ParallelLayout
 
 
 def test_torchrun_variables():

@@ -3,25 +3,26 @@
 import pytest
 
 from megatron_danube.errors import DanubeConfigError
-from megatron_danube.models.config_builder import PrecisionConfig, build_transformer_config
+from megatron_danube.config import ParallelLayout, PrecisionConfig
+from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.models.layer_specs import resolve_spec, transformer_engine_available
 from megatron_danube.models.presets import get_preset
-from megatron_danube.runtime.layout import ParallelLayout
+from megatron_danube.runtime.layout import validate_layout
 
 D18 = get_preset("danube-1.8b")
 
 
 def check(layout, world, match, model=D18, **kw):
     with pytest.raises(DanubeConfigError, match=match) as e:
-        layout.validate(model, world, **kw)
+        validate_layout(layout, model, world, **kw)
     assert "\n" not in str(e.value)
 
 
 def test_valid_layouts_pass():
-    ParallelLayout(tensor_parallel=8).validate(D18, 8)
-    ParallelLayout(tensor_parallel=2, pipeline_parallel=2, sequence_parallel=True).validate(
+    validate_layout(ParallelLayout(tensor_parallel=8), D18, 8)
+    validate_layout(ParallelLayout(tensor_parallel=2, pipeline_parallel=2, sequence_parallel=True), 
         D18, 8, seq_length=16384)
-    ParallelLayout(pipeline_parallel=4, virtual_pipeline=2).validate(D18, 16)
+    validate_layout(ParallelLayout(pipeline_parallel=4, virtual_pipeline=2), D18, 16)
     assert ParallelLayout(tensor_parallel=2, pipeline_parallel=2).data_parallel(16) == 4
 
 

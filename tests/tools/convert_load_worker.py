@@ -15,7 +15,7 @@ from megatron_danube.convert import model_config_of, read_state
 from megatron_danube.models.builder import build_model_chunks
 from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.runtime.distributed import initialize, shutdown
-from megatron_danube.runtime.layout import ParallelLayout
+from megatron_danube.config import ParallelLayout
 from megatron_danube.training.checkpointing import CheckpointManager
 
 

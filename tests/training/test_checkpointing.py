@@ -4,13 +4,13 @@ import os
 
 import pytest
 import torch
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron_danube.training.optim import make_optimizer
 
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.builder import build_model_chunks
 from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.models.presets import get_preset
-from megatron_danube.runtime.layout import ParallelLayout
+from megatron_danube.config import CheckpointSection, OptimSection, ParallelLayout
 from megatron_danube.training.checkpointing import CheckpointManager
 from megatron_danube.training.step import train_step, wrap_with_ddp
 
@@ -22,9 +22,7 @@ def _build(seed):
     config = build_transformer_config(MODEL, ParallelLayout(), spec="local", device_type="cpu")
     chunks = wrap_with_ddp(build_model_chunks(MODEL, config, "local", torch.device("cpu")),
                            config, use_distributed_optimizer=True)
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, adam_beta2=0.95,
-                        clip_grad=1.0, use_distributed_optimizer=True), chunks)
+    opt = make_optimizer(OptimSection(lr=1e-2), chunks, config)
     return chunks, opt
 
 
@@ -56,7 +54,7 @@ def test_checkpoint_shared_adam_step_regression(single_rank, tmp_path):
     chunks, opt = _build(0)
     for step in range(2):
         _step(chunks, opt, step)
-    manager = CheckpointManager(str(tmp_path), keep_last=2)
+    manager = CheckpointManager(str(tmp_path), CheckpointSection(keep_last=2))
     manager.save(2, chunks, opt, {"iteration": 2, "consumed_tokens": 64})
 
     fresh_chunks, fresh_opt = _build(99)  # different init: everything must come from the file
@@ -78,7 +76,7 @@ def test_checkpoint_latest_pointing_at_missing_folder_is_a_clear_error(tmp_path)
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
     (ckpts / "latest").write_text("iter_0000042\n")
-    with pytest.raises(DanubeConfigError, match="names iter_0000042, which is missing"):
+    with pytest.raises(DanubeConfigError, match="names iter_0000042, which is missing or incomplete"):
         CheckpointManager(str(tmp_path)).latest()
 
 
@@ -100,7 +98,7 @@ def test_checkpoint_corrupt_shard_is_a_clear_error(single_rank, tmp_path):
 def test_checkpoint_keep_last_prunes_old_ones(single_rank, tmp_path):
     chunks, opt = _build(0)
     _step(chunks, opt, 0)
-    manager = CheckpointManager(str(tmp_path), keep_last=2)
+    manager = CheckpointManager(str(tmp_path), CheckpointSection(keep_last=2))
     for it in (1, 2, 3):
         manager.save(it, chunks, opt, {"iteration": it, "consumed_tokens": 32 * it})
     names = sorted(os.listdir(tmp_path / "checkpoints"))

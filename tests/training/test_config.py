@@ -1,7 +1,7 @@
 import pytest
 
 from megatron_danube.errors import DanubeConfigError
-from megatron_danube.training.config import load_config
+from megatron_danube.config import load_config
 from megatron_danube.training.stages import plan_stages, stage_at
 
 DEMO = "examples/configs/danube-tiny-cpu.yaml"

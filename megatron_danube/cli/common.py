@@ -1,0 +1,65 @@
+"""What every command shares: logging, signal handling from the start, and one-line errors.
+
+A `DanubeConfigError` (bad input) exits 2 with one line naming the problem and the fix. A
+missing optional dependency exits 2 naming the extra that installs it, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+from megatron_danube.errors import DanubeConfigError
+
+# Optional modules -> the extra of this package that installs them.
+EXTRAS = {
+    "safetensors": "hf",
+    "transformers": "hf",
+    "tokenizers": "hf",
+    "zstandard": "data",
+    "pyarrow": "data",
+    "mistral_common": "demo",
+    "transformer_engine": "te",
+}
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> Optional[str]:
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f"this needs the {top} package, which is not installed; pip install -e \".[{extra}]\""
+
+
+def run_command(
+    prog: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    body: Callable[[argparse.Namespace], int],
+    argv: Optional[Sequence[str]] = None,
+) -> int:
+    """Parse arguments, run `body`, turn known failures into one line on stderr and exit 2."""
+    from megatron_danube.logs import setup_logging
+
+    setup_logging()
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(body(args) or 0)
+    except DanubeConfigError as exc:
+        return fail(prog, str(exc))
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc)
+        if message is None:
+            raise
+        return fail(prog, message)
+
+
+def fail(prog: str, message: str) -> int:
+    logging.getLogger(prog).debug("failing: %s", message)
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.flush()
+    return 2

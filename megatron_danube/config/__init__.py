@@ -1,0 +1,34 @@
+"""Run configuration: dataclass sections (`sections`) and their YAML loader (`loader`)."""
+
+from megatron_danube.config.loader import check_values, load_config, save_config, to_dict
+from megatron_danube.config.sections import (
+    CheckpointSection,
+    DataSection,
+    LoggingSection,
+    ModelSection,
+    OptimSection,
+    ParallelLayout,
+    PrecisionConfig,
+    RecomputeConfig,
+    RunConfig,
+    StageSection,
+    TrainSection,
+)
+
+__all__ = [
+    "CheckpointSection",
+    "DataSection",
+    "LoggingSection",
+    "ModelSection",
+    "OptimSection",
+    "ParallelLayout",
+    "PrecisionConfig",
+    "RecomputeConfig",
+    "RunConfig",
+    "StageSection",
+    "TrainSection",
+    "check_values",
+    "load_config",
+    "save_config",
+    "to_dict",
+]

@@ -1,0 +1,218 @@
+"""The run configuration: one dataclass per YAML section, a docstring under every field.
+
+Nothing here imports the rest of the package, so models, runtime, data and training can all
+depend on it. The optimizer section is megatron-core's own `OptimizerConfig` with the Danube
+recipe's defaults (AdamW 0.9/0.95, weight decay 0.1, clip 1.0): its fields are megatron's.
+The field docstrings are the configuration reference (`danube-config-reference` prints it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional
+
+from megatron.core.optimizer import OptimizerConfig
+
+SpecChoice = Literal["auto", "te", "local"]
+DeviceChoice = Literal["auto", "cuda", "cpu"]
+DtypeChoice = Literal["float32", "bfloat16", "float16"]
+Fp8Choice = Literal["delayed", "tensorwise", "mxfp8"]
+TokenizerTypeChoice = Literal[
+    "sentencepiece",
+    "huggingface",
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "Llama2Tokenizer",
+    "HuggingFaceTokenizer",
+]
+
+
+@dataclass
+class ModelSection:
+    """Which model to build."""
+
+    preset: str = "danube-tiny"
+    """Registered preset: `danube-1.8b`, `danube2-1.8b`, `danube-tiny` or `danube-test`."""
+    spec: SpecChoice = "auto"
+    """`te` (Transformer Engine), `local` (pure PyTorch), `auto`: TE on a GPU where installed."""
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    """Preset fields to change, e.g. `{sliding_window: null}`."""
+
+
+@dataclass
+class ParallelLayout:
+    """TP x CP x PP (x virtual PP) x DP; DP is what the world size leaves."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel ranks (within a node; must divide the head and KV-head counts)."""
+    pipeline_parallel: int = 1
+    """Pipeline stages."""
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
+    context_parallel: int = 1
+    """Context-parallel ranks (TE spec only)."""
+    sequence_parallel: bool = False
+    """Shard norm and dropout activations over the TP ranks (needs TP > 1)."""
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // self.model_parallel
+
+
+@dataclass
+class PrecisionConfig:
+    """Parameter and matmul precision."""
+
+    params_dtype: DtypeChoice = "float32"
+    """`bfloat16` on GPU (fp32 master weights in the optimizer), `float16` (loss scaling)."""
+    fp8: Optional[Fp8Choice] = None
+    """FP8 recipe for the linear layers (TE spec only; `mxfp8` needs Blackwell)."""
+    fp8_amax_history_len: int = 1024
+    """Amax history length of the `delayed` recipe."""
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """How the `delayed` recipe reduces its amax history."""
+
+
+@dataclass
+class RecomputeConfig:
+    """Activation recomputation."""
+
+    granularity: Optional[Literal["selective", "full"]] = None
+    """`selective` (attention core, cheap) or `full` (whole layers, see `method`)."""
+    method: Literal["uniform", "block"] = "uniform"
+    """How `full` picks the layers it recomputes."""
+    num_layers: int = 1
+    """Layers per recomputed group (`uniform`) or recomputed per stage (`block`)."""
+
+
+@dataclass
+class DataSection:
+    """Where the tokens come from."""
+
+    blend: List[Any] = field(default_factory=list)
+    """`[prefix]` or Megatron-LM's `[w1, prefix1, w2, prefix2, ...]`."""
+    split: str = "98,2,0"
+    """Train/valid/test split of each dataset, in parts."""
+    tokenizer: str = "mistral-v1"
+    """SentencePiece `.model`, an HF tokenizer directory, or `mistral-v1`."""
+    tokenizer_type: Optional[TokenizerTypeChoice] = None
+    """Tokenizer kind; inferred from `tokenizer` when null."""
+    seed: int = 1234
+    """Seed of the sample order."""
+    demo_corpus_prefix: Optional[str] = None
+    """Build the pydoc demo corpus at this prefix if it is missing."""
+
+
+@dataclass
+class StageSection:
+    """From `start_tokens` consumed tokens on: this sequence length and (optionally) blend."""
+
+    start_tokens: int = 0
+    """Consumed tokens at which the stage starts (a multiple of the global batch)."""
+    seq_length: int = 2048
+    """Sequence length of the stage."""
+    blend: Optional[List[Any]] = None
+    """The stage's blend; null keeps `data.blend`."""
+
+
+@dataclass
+class TrainSection:
+    """How long and how wide."""
+
+    train_tokens: int = 1_000_000
+    """Total tokens (a multiple of the global batch)."""
+    global_batch_tokens: int = 4096
+    """Tokens per step, constant across stages."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch per rank."""
+    seed: int = 1234
+    """Seed of the initialisation and dropout."""
+    device: DeviceChoice = "auto"
+    """`cuda` (nccl) or `cpu` (gloo); `auto` picks CUDA where visible."""
+    max_bad_steps: int = 5
+    """Non-finite losses in a row before the run saves and stops (exit 1)."""
+    exit_after_steps: Optional[int] = None
+    """Stop, with a checkpoint, after this many steps of this process."""
+
+
+@dataclass
+class OptimSection(OptimizerConfig):
+    """megatron-core's OptimizerConfig (any of its fields) with the Danube recipe's defaults.
+
+    `bf16`, `fp16` and `params_dtype` follow `precision.params_dtype`.
+    """
+
+    lr: Optional[float] = 3e-4
+    """Peak learning rate."""
+    min_lr: Optional[float] = None
+    """Floor of the cosine decay; null: 10% of `lr` (Llama-2)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW)."""
+    adam_beta2: float = 0.95
+    """Adam's second-moment decay."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over the data-parallel ranks."""
+    initial_loss_scale: float = 2.0**16
+    """fp16 only: the starting loss scale."""
+    warmup_tokens: int = 0
+    """Linear warm-up length, in tokens (the schedule's unit is tokens)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass."""
+
+
+@dataclass
+class CheckpointSection:
+    """When and where checkpoints are written and read."""
+
+    save_interval: Optional[int] = None
+    """Steps between saves; null: only at the end and on signals."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are removed after a newer one verified."""
+    async_save: bool = False
+    """Write checkpoints in the background."""
+    load: Optional[str] = None
+    """A checkpoint to start from when the run has none of its own."""
+    load_optimizer: bool = True
+    """False: weights only (e.g. continuing from converted HF weights)."""
+    verify: bool = True
+    """Check every checkpoint's manifest (sizes and checksums) before it is resumed."""
+    allow_changes: List[str] = field(default_factory=list)
+    """Fields a resume may change on purpose, e.g. `[train.global_batch_tokens]`."""
+
+
+@dataclass
+class LoggingSection:
+    """What is recorded, and how often."""
+
+    log_interval: int = 10
+    """Steps between metric records."""
+    eval_interval: int = 100
+    """Steps between validations; 0: only at the end."""
+    eval_iters: int = 10
+    """Global batches per validation."""
+    tensorboard: bool = True
+    """Also write TensorBoard events."""
+    peak_tflops: Optional[float] = None
+    """MFU denominator; null: 989 (H100 bf16 dense) on GPU, none on the CPU."""
+
+
+@dataclass
+class RunConfig:
+    """One pretraining run."""
+
+    run_dir: str = "runs/default"
+    """Checkpoints, metrics.jsonl, tensorboard/ and logs/ go here."""
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    data: DataSection = field(default_factory=DataSection)
+    stages: List[StageSection] = field(default_factory=lambda: [StageSection()])
+    """The stage schedule: sequence length and blend by consumed tokens."""
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)

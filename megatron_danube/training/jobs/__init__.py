@@ -1,0 +1,1 @@
+"""Per-job pieces for the trainer: pretraining (token stages over indexed corpora)."""

@@ -1,0 +1,45 @@
+"""What a resume may not change silently: the model, and (for the run's own checkpoints) the
+token schedule. A difference is a one-line error naming the field, unless the run lists it in
+`checkpoint.allow_changes` because the change is deliberate."""
+
+from __future__ import annotations
+
+from typing import List
+
+from megatron_danube.config import RunConfig
+from megatron_danube.errors import DanubeConfigError
+
+
+def schedule_of(cfg: RunConfig) -> dict:
+    """The parts of the config that decide which sample each step reads."""
+    return {
+        "train.train_tokens": cfg.train.train_tokens,
+        "train.global_batch_tokens": cfg.train.global_batch_tokens,
+        "stages": [[s.start_tokens, s.seq_length] for s in cfg.stages],
+        "data.seed": cfg.data.seed,
+        "data.split": cfg.data.split,
+    }
+
+
+def _differences(saved: dict, current: dict, prefix: str = ""):
+    for key in sorted(set(saved) | set(current)):
+        if key in ("name",):  # a preset's label, not a property of the weights
+            continue
+        if saved.get(key) != current.get(key):
+            yield f"{prefix}{key}", saved.get(key), current.get(key)
+
+
+def check(saved: dict, current: dict, allow_changes: List[str], *, own: bool) -> None:
+    """Raise when `saved` (a checkpoint's train state) conflicts with this run's `current`."""
+    allowed = set(allow_changes)
+    changes = list(_differences(saved.get("model") or {}, current["model"], "model."))
+    if own and "schedule" in saved:
+        changes += list(_differences(saved["schedule"], current["schedule"]))
+    for name, before, now in changes:
+        if name in allowed or (name.startswith("model.") and "model" in allowed):
+            continue
+        raise DanubeConfigError(
+            f"the checkpoint was written with {name}={before!r} but this run has {now!r}; "
+            f"restore the setting, or add {name} to checkpoint.allow_changes to change it "
+            f"on purpose"
+        )
