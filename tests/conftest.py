@@ -1,19 +1,11 @@
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where none is present")
-    config.addinivalue_line("markers", "slurm: needs a local SLURM (installed by .ci/run)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -55,16 +47,6 @@ def torchrun(script, *args, nproc=2, timeout=900, env=None):
 def single_rank():
     """One gloo rank with megatron groups, for in-process model tests (CPU)."""
     from megatron_danube.models.presets import get_preset
-    from megatron_danube.runtime.distributed import initialize
-    from megatron_danube.config import ParallelLayout
+    from megatron_danube.runtime.distributed import initialize_single_process
 
-    saved = dict(os.environ)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        os.environ.pop(var, None)
-    os.environ["MASTER_PORT"] = str(free_port())
-    try:
-        return initialize(get_preset("danube-test"), ParallelLayout(), seed=1234, spec="local")
-    finally:
-        # Never leak this process's rendezvous port to the jobs the tests launch.
-        os.environ.clear()
-        os.environ.update(saved)
+    return initialize_single_process(get_preset("danube-test"))

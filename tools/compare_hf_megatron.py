@@ -1,12 +1,7 @@
 #!/usr/bin/env python3
-"""Compare an HF model directory with a megatron_danube checkpoint on the same prompts."""
+"""Compare an HF export with its megatron checkpoint by logits (= `danube-compare`)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_danube.compare import main  # noqa: E402
+from megatron_danube.cli.compare import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

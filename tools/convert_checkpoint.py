@@ -1,12 +1,7 @@
 #!/usr/bin/env python3
-"""Convert megatron_danube checkpoints to and from Hugging Face Mistral (see --help)."""
+"""Convert checkpoints between megatron_danube and Hugging Face (= `danube-convert`)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_danube.convert import main  # noqa: E402
+from megatron_danube.cli.convert import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -63,3 +63,9 @@ def fail(prog: str, message: str) -> int:
     sys.stderr.write(f"{prog}: error: {message}\n")
     sys.stderr.flush()
     return 2
+
+
+def report(text: str = "") -> None:
+    """A command's result (a table, a summary) goes to stdout; diagnostics go to logging."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()

@@ -192,6 +192,18 @@ def _deep_update(base: dict, new, prefix: str) -> None:
             base[key] = value
 
 
+def _fill_list_items(tree: dict, cls=RunConfig) -> None:
+    """Give every entry of a list-of-sections field its defaults, so `stages.1.blend=...`
+    can set a key the YAML entry left out."""
+    hints = typing.get_type_hints(cls)
+    for name, tp in hints.items():
+        args = typing.get_args(tp)
+        item = args[0] if typing.get_origin(tp) in (list, List) and args else None
+        if item is not None and dataclasses.is_dataclass(item) and isinstance(tree.get(name), list):
+            defaults = to_dict(item())
+            tree[name] = [{**defaults, **v} if isinstance(v, dict) else v for v in tree[name]]
+
+
 def load_config(path: Optional[str], overrides: List[str] = ()) -> RunConfig:
     """Defaults, then the YAML file, then the overrides; values checked before returning."""
     tree: dict = {}
@@ -206,6 +218,7 @@ def load_config(path: Optional[str], overrides: List[str] = ()) -> RunConfig:
             raise DanubeConfigError(f"config {path} is not valid YAML: {first}") from None
     base = to_dict(RunConfig())  # start from the defaults so overrides of untouched keys work
     _deep_update(base, tree, "")
+    _fill_list_items(base)
     for item in overrides:
         if "=" not in item:
             raise DanubeConfigError(f"override {item!r} must look like section.key=value")

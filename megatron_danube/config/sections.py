@@ -122,7 +122,7 @@ class StageSection:
 class TrainSection:
     """How long and how wide."""
 
-    train_tokens: int = 1_000_000
+    train_tokens: int = 1_048_576
     """Total tokens (a multiple of the global batch)."""
     global_batch_tokens: int = 4096
     """Tokens per step, constant across stages."""
@@ -206,13 +206,22 @@ class RunConfig:
     run_dir: str = "runs/default"
     """Checkpoints, metrics.jsonl, tensorboard/ and logs/ go here."""
     model: ModelSection = field(default_factory=ModelSection)
+    """The model preset and layer implementation."""
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    """The parallel layout."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Parameter precision and FP8."""
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    """Activation recomputation."""
     data: DataSection = field(default_factory=DataSection)
+    """Corpora and tokenizer."""
     stages: List[StageSection] = field(default_factory=lambda: [StageSection()])
     """The stage schedule: sequence length and blend by consumed tokens."""
     train: TrainSection = field(default_factory=TrainSection)
+    """Length, batch and device."""
     optim: OptimSection = field(default_factory=OptimSection)
+    """Optimizer and LR schedule."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    """Saving, verifying and loading checkpoints."""
     logging: LoggingSection = field(default_factory=LoggingSection)
+    """Metrics and validation."""

@@ -8,6 +8,7 @@ reads exactly the samples an uninterrupted run would have read.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -27,11 +28,13 @@ def parse_blend(blend: List, what: str = "data.blend") -> Tuple[List[str], Optio
     if len(blend) % 2:
         raise DanubeConfigError(f"{what} must alternate weight and prefix; got {len(blend)} items")
     weights, prefixes = blend[0::2], blend[1::2]
-    for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise DanubeConfigError(f"{what}: weight {w!r} is not a non-negative number")
-    if sum(weights) <= 0:
-        raise DanubeConfigError(f"{what}: weights sum to zero")
+    for w, prefix in zip(weights, prefixes):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise DanubeConfigError(f"{what}: weight {w!r} of {prefix} is not a number")
+        if w <= 0:
+            raise DanubeConfigError(
+                f"{what}: weight {w!r} of {prefix} must be > 0; remove the prefix to leave it out"
+            )
     return [str(p) for p in prefixes], [float(w) for w in weights]
 
 

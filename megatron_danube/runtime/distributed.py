@@ -7,6 +7,7 @@ applies `cpu_compat` (and only there).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -197,6 +198,35 @@ def initialize(
     )
     seed_everything(seed)
     return Runtime(launch=launch, device=torch_device, spec=resolved_spec, layout=layout)
+
+
+LAUNCHER_VARS = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+@contextlib.contextmanager
+def single_process_env():
+    """Hide launcher variables while a tool starts its own one-process group.
+
+    Restored afterwards, so a rendezvous port picked here never leaks into jobs the process
+    launches later (tests do launch them).
+    """
+    saved = dict(os.environ)
+    for var in LAUNCHER_VARS:
+        os.environ.pop(var, None)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def initialize_single_process(model: DanubeModelConfig, seed: int = 1234) -> Runtime:
+    """One gloo rank with megatron's groups in this process (tools, in-process tests)."""
+    with single_process_env():
+        return initialize(model, ParallelLayout(), seed=seed, spec="local", device="cpu")
 
 
 def seed_everything(seed: int) -> None:

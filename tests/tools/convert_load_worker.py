@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_danube.convert import model_config_of, read_state
+from megatron_danube.convert.checkpoint_io import model_config_of, read_state
 from megatron_danube.models.builder import build_model_chunks
 from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.runtime.distributed import initialize, shutdown

@@ -66,3 +66,61 @@ def test_impossible_stage_plans(override, match):
     cfg = load_config(DEMO, [override])
     with pytest.raises(DanubeConfigError, match=match):
         plan_stages(cfg, data_parallel=2, max_seq_length=512)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("logging.log_interval=0", "logging.log_interval=0; it must be >= 1"),
+    ("stages.5.seq_length=64", "stages.5 is not an existing list index"),
+    ("stages.x.seq_length=64", "stages.x is not an existing list index"),
+    ("stages=[]", "stages is empty"),
+    ("optim.lr=-1", "optim.lr=-1.0; the learning rate must be >= 0"),
+    ("optim.adam_beta2=2", "optim.adam_beta2=2.0; it must be in \\[0, 1\\)"),
+    ("optim.lr=.nan", "optim.lr: expected a finite number"),
+    ("checkpoint.save_interval=-5", "checkpoint.save_interval=-5"),
+    ("checkpoint.keep_last=0", "keep at least 1"),
+    ("logging.eval_iters=-1", "logging.eval_iters=-1"),
+    ("train.train_tokens=-1024", "train.train_tokens=-1024; it must be > 0"),
+    ("train.device=gpu", "train.device='gpu'; choose one of auto, cuda, cpu"),
+    ("model.spec=fast", "model.spec='fast'; choose one of auto, te, local"),
+    ("precision.fp8=fp4", "precision.fp8='fp4'; choose one of delayed, tensorwise, mxfp8"),
+    ("optim.distributed_optimizer=true", "did you mean 'use_distributed_optimizer'"),
+    ("optim.lr", "must look like section.key=value"),
+])
+def test_bad_values_are_one_line_errors_naming_the_key(override, match):
+    with pytest.raises(DanubeConfigError, match=match) as e:
+        load_config(DEMO, [override])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("split", ["a,b,c", "0,100,0", "1,2", "-1,1,1"])
+def test_bad_data_split_is_refused_before_anything_runs(split):
+    from megatron_danube.training.jobs.pretrain import check_config
+
+    cfg = load_config(DEMO, [f"data.split={split}", "run_dir=/tmp/danube-split-check"])
+    with pytest.raises(DanubeConfigError, match="data.split="):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("weight", ["0", ".nan", "-1"])
+def test_bad_blend_weight_is_a_clear_error(weight):
+    from megatron_danube.data.datasets import parse_blend
+
+    with pytest.raises(DanubeConfigError, match="data.blend"):
+        parse_blend([float(weight) if weight != ".nan" else float("nan"), "a"] + [0.5, "b"]
+                    if weight != "0" else [0, "a", 0, "b"])
+
+
+def test_empty_yaml_uses_working_defaults(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    cfg = load_config(str(empty))
+    stages = plan_stages(cfg, data_parallel=1, max_seq_length=16384)  # the defaults agree
+    assert stages[0].start_tokens == 0 and cfg.optim.warmup_tokens < cfg.train.train_tokens
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from megatron_danube.config import save_config
+
+    cfg = load_config(DEMO, ["optim.adam_beta1=0.8"])
+    save_config(cfg, str(tmp_path / "c.yaml"))
+    assert load_config(str(tmp_path / "c.yaml")) == cfg

@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import List, Optional
 
 import torch
 
 from megatron_danube.errors import DanubeConfigError
 
+MIN_PROMPT_TOKENS = 16
 DEFAULT_PROMPTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "In Python, a generator function is defined like a normal function, but",
+    "The quick brown fox jumps over the lazy dog, and then it runs into the forest to hide.",
+    "In Python, a generator function is defined like a normal function, but whenever it needs "
+    "to produce a value it uses the yield keyword.",
 ]
 
 
+def encode_prompts(tokenizer, prompts: List[str]) -> torch.Tensor:
+    """[BOS] + ids of each prompt, cut to the shortest; refuses prompts too short to compare.
+
+    A comparison over one or two tokens agrees almost by accident (a broken tokenizer that
+    maps every text to BOS once passed that way), so every prompt must give 16 tokens or more.
+    """
+    bos = [tokenizer.bos] if tokenizer.bos is not None and tokenizer.bos >= 0 else []
+    encoded = [bos + tokenizer.encode(text) for text in prompts]
+    for text, ids in zip(prompts, encoded):
+        if len(ids) < MIN_PROMPT_TOKENS:
+            raise DanubeConfigError(
+                f"prompt {text[:40]!r} encodes to {len(ids)} tokens; a comparison needs at "
+                f"least {MIN_PROMPT_TOKENS} (use a longer prompt, or check the tokenizer)"
+            )
+    length = min(len(ids) for ids in encoded)
+    return torch.tensor([ids[:length] for ids in encoded])
+
+
 def megatron_logits(mcore_dir: str, input_ids: torch.Tensor, preset: Optional[str] = None):
-    from megatron_danube.convert import (
+    from megatron_danube.convert.checkpoint_io import (
         build_local_model,
         load_megatron_weights,
         model_config_of,
@@ -53,29 +71,3 @@ def compare(hf_dir: str, mcore_dir: str, input_ids: torch.Tensor, preset: Option
         "kl_hf_to_megatron": (logp.exp() * (logp - logq)).sum(-1).mean().item(),
         "tokens": int(input_ids.numel()),
     }
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="compare_hf_megatron.py", description=__doc__)
-    p.add_argument("--hf", required=True, help="HF model directory")
-    p.add_argument("--mcore", required=True, help="megatron_danube run or checkpoint directory")
-    p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the HF directory's)")
-    p.add_argument("--model-preset", default=None)
-    args = p.parse_args(argv)
-    try:
-        from megatron_danube.data.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(args.tokenizer or args.hf)
-        prompts: List[str] = args.prompt or DEFAULT_PROMPTS
-        encoded = [([tok.bos] if tok.bos is not None and tok.bos >= 0 else []) + tok.encode(t)
-                   for t in prompts]
-        length = min(len(e) for e in encoded)
-        ids = torch.tensor([e[:length] for e in encoded])
-        result = compare(args.hf, args.mcore, ids, args.model_preset)
-    except DanubeConfigError as exc:
-        print(f"compare_hf_megatron.py: error: {exc}", file=sys.stderr)
-        return 2
-    for key, value in result.items():
-        print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
-    return 0

@@ -1,0 +1,62 @@
+"""danube-convert: convert checkpoints between megatron_danube and Hugging Face.
+
+--to hf     reads any megatron_danube checkpoint (whatever TP/PP/DP or spec wrote it) and
+            writes a MistralForCausalLM directory with the run's tokenizer.
+--to mcore  reads an HF Mistral/Llama directory (safetensors only) and writes a checkpoint
+            the trainer starts from (`checkpoint.load=DIR checkpoint.load_optimizer=false`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from megatron_danube.cli.common import run_command
+from megatron_danube.models.config_builder import DTYPES
+
+logger = logging.getLogger("danube-convert")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--to", required=True, choices=["hf", "mcore"])
+    p.add_argument("--load", required=True, help="megatron run/checkpoint dir, or HF model dir")
+    p.add_argument("--save", required=True, help="output directory (new or empty)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="--to hf: default bfloat16; --to mcore: default the HF weights' dtype")
+    p.add_argument("--model-preset", default=None,
+                   help="--to hf: the model preset, for checkpoints that do not record it")
+
+
+def convert(args) -> int:
+    from megatron_danube.convert.hf_export import prepare_output, remove_failed_output
+
+    prepare_output(args.save)  # refuse a non-empty or unwritable --save before any work
+    try:
+        if args.to == "hf":
+            from megatron_danube.convert.hf_export import to_hf
+
+            out = to_hf(args.load, args.save, args.dtype or "bfloat16", args.model_preset)
+        else:
+            from megatron_danube.convert.hf_import import to_mcore
+
+            out = to_mcore(args.load, args.save, args.dtype)
+    except BaseException:
+        remove_failed_output(args.save)  # never leave a half-written output that looks whole
+        raise
+    logger.info("wrote %s", out)
+    return 0
+
+
+def command(argv=None) -> int:
+    """Run with these arguments; the exit code (2 for bad input)."""
+    os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    return run_command("danube-convert", __doc__.splitlines()[0], add_arguments, convert, argv)
+
+
+def main(argv=None) -> None:
+    sys.exit(command(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Checkpoint conversion between megatron_danube and Hugging Face, and logit comparison."""

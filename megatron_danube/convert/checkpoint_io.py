@@ -1,0 +1,144 @@
+"""Reading megatron_danube checkpoints outside training: resolve, verify, load full tensors.
+
+Every model tensor is read at full size in one CPU process whatever TP/PP/DP or spec wrote
+it: the checkpoint's stored keys are global and spec-independent.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+
+from megatron_danube.errors import DanubeConfigError
+from megatron_danube.models.config_builder import DTYPES
+from megatron_danube.training.checkpointing import (
+    STATE_FILE,
+    CheckpointManager,
+    read_train_state,
+    verify_checkpoint,
+)
+
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+
+
+def init_single_rank(model_cfg) -> None:
+    """One gloo rank in this process (dist_checkpointing needs a process group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_danube.runtime.distributed import initialize
+    from megatron_danube.config import ParallelLayout
+
+    if parallel_state.model_parallel_is_initialized() and (
+        parallel_state.get_tensor_model_parallel_world_size() == 1
+        and parallel_state.get_pipeline_model_parallel_world_size() == 1
+    ):
+        return
+    saved = dict(os.environ)
+    if not dist.is_initialized():
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
+                    "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)  # a single process: a free local port is picked
+    try:
+        initialize(model_cfg, ParallelLayout(), spec="local", device="cpu")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run dir, its checkpoints/ dir, or an iter_* dir -> the iter dir to read.
+
+    The checkpoint is verified against its manifest; a run dir whose `latest` is damaged
+    resolves to its newest intact checkpoint (with a warning), as a resume would.
+    """
+    if not os.path.isdir(path):
+        raise DanubeConfigError(f"--load {path}: no such directory")
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        problem = verify_checkpoint(path)
+        if problem:
+            raise DanubeConfigError(f"checkpoint {path} is damaged: {problem}")
+        return path
+    for run_dir in (path, os.path.dirname(os.path.normpath(path))):
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        if os.path.isdir(ckpt_dir) and (run_dir == path or os.path.samefile(ckpt_dir, path)):
+            found = CheckpointManager(run_dir).latest()
+            if found:
+                return found
+    raise DanubeConfigError(
+        f"--load {path}: not a megatron_danube checkpoint (no {STATE_FILE}, no latest pointer)"
+    )
+
+
+read_state = read_train_state
+
+
+def model_config_of(state: dict, preset: Optional[str] = None):
+    from megatron_danube.models.presets import DanubeModelConfig, get_preset
+
+    if preset:
+        return get_preset(preset)
+    if "model" not in state:
+        raise DanubeConfigError("the checkpoint does not record its model; pass --model-preset NAME")
+    return DanubeModelConfig(**state["model"])
+
+
+def load_megatron_weights(ckpt: str, model_cfg) -> Dict[str, torch.Tensor]:
+    """Every model tensor of a distributed checkpoint at full size, per-layer names."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_danube.models.hf_adapter import unstack_layers
+
+    init_single_rank(model_cfg)
+    try:
+        metadata = dist_checkpointing.load_tensors_metadata(ckpt)
+    except Exception as exc:
+        raise DanubeConfigError(f"{ckpt}: cannot read checkpoint metadata ({type(exc).__name__})")
+    request = {}
+    for key, meta in metadata.items():
+        model_key = key[len("module."):] if key.startswith("module.") else key
+        if not model_key.startswith(MODEL_PREFIXES) or not isinstance(meta, ShardedTensor):
+            continue  # optimizer state, RNG, TE extra state
+        tensor = torch.empty(meta.global_shape, dtype=meta.dtype)
+        request[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=0)
+    if not request:
+        raise DanubeConfigError(f"{ckpt}: the checkpoint holds no model tensors")
+    try:
+        loaded = dist_checkpointing.load(request, ckpt)
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise DanubeConfigError(
+            f"{ckpt}: checkpoint data is corrupt or incomplete ({type(exc).__name__})"
+        ) from None
+    # `load` also returns the checkpoint's common (non-sharded) state: keep the tensors asked for.
+    weights = {
+        k[len("module."):] if k.startswith("module.") else k: v
+        for k, v in loaded.items()
+        if k in request
+    }
+    from megatron_danube.models.hf_adapter import check_mcore_shapes
+
+    weights = unstack_layers(weights, model_cfg.num_layers)
+    check_mcore_shapes(weights, model_cfg, ckpt)
+    return weights
+
+
+def build_local_model(model_cfg, dtype: torch.dtype):
+    from megatron_danube.models.builder import build_model_chunks
+    from megatron_danube.config import PrecisionConfig
+    from megatron_danube.models.config_builder import build_transformer_config
+    from megatron_danube.config import ParallelLayout
+
+    init_single_rank(model_cfg)
+    name = {v: k for k, v in DTYPES.items()}[dtype]
+    config = build_transformer_config(
+        model_cfg, ParallelLayout(), spec="local", device_type="cpu",
+        precision=PrecisionConfig(params_dtype=name), perform_initialization=False,
+    )
+    return build_model_chunks(model_cfg, config, "local", torch.device("cpu"))[0]
+
+
