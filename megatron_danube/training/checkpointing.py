@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import logging
 from typing import Callable, List, Optional
 
@@ -238,6 +239,31 @@ def verify_checkpoint(path: str) -> Optional[str]:
     return next((p for p in problems if p), None)
 
 
+def start_writer_helpers_immune_to_signals() -> None:
+    """Start megatron's checkpoint-writer helper process now, deaf to SIGTERM/SIGINT/SIGUSR1.
+
+    megatron's writer sends its results through a `multiprocessing.Manager` queue that it
+    spawns on first use. A launcher that signals the whole process group (torchrun on SIGTERM,
+    a terminal on Ctrl-C) kills that helper too, and the save the signal asked for then dies
+    with BrokenPipeError. A process spawned while a signal is ignored keeps ignoring it, so
+    the helper is started here with the stop signals ignored, then the handlers come back.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    start = getattr(filesystem_async, "_get_write_results_queue", None)
+    if start is None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stop_signals}
+    try:
+        start()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class CheckpointManager:
     """Saves, verifies, finds and prunes a run's checkpoints; decides when a save is due."""
 
@@ -247,6 +273,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.keep_last = max(1, cfg.keep_last)
         self.last_saved_iteration: Optional[int] = None
+        start_writer_helpers_immune_to_signals()
         self._async_queue = None
         if cfg.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue

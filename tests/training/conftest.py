@@ -28,16 +28,16 @@ def corpora(tmp_path_factory):
     return prefixes
 
 
-def pretrain_cmd(nproc):
+def pretrain_cmd(nproc, launcher="torch.distributed.run"):
     if nproc == 1:
         return [sys.executable, "-m", "megatron_danube.pretrain"]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+    return [sys.executable, "-m", launcher, f"--nproc-per-node={nproc}",
             f"--master-port={free_port()}", "-m", "megatron_danube.pretrain"]
 
 
 def run_pretrain(run_dir, corpora, *overrides, nproc=2, config="tests/training/tiny_run.yaml",
-                 timeout=600, check=True, background=False):
-    args = pretrain_cmd(nproc) + [
+                 timeout=600, check=True, background=False, launcher="torch.distributed.run"):
+    args = pretrain_cmd(nproc, launcher) + [
         "--config", os.path.join(REPO, config), f"run_dir={run_dir}",
         f"data.blend=[{corpora[0]}]",
         f"stages.1.blend=[0.3, {corpora[0]}, 0.7, {corpora[1]}]",

@@ -104,3 +104,56 @@ def test_checkpoint_keep_last_prunes_old_ones(single_rank, tmp_path):
     names = sorted(os.listdir(tmp_path / "checkpoints"))
     assert names == ["iter_0000002", "iter_0000003", "latest"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+
+
+def test_weights_with_nan_are_never_saved_and_nothing_is_pruned(single_rank, tmp_path):
+    chunks, opt = _build(0)
+    _step(chunks, opt, 0)
+    manager = CheckpointManager(str(tmp_path), CheckpointSection(keep_last=1))
+    good = manager.save(1, chunks, opt, {"iteration": 1, "consumed_tokens": 32})
+    with torch.no_grad():
+        next(chunks[0].parameters()).view(-1)[0] = float("nan")
+    assert manager.save(2, chunks, opt, {"iteration": 2, "consumed_tokens": 64}) is None
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["iter_0000001", "latest"]
+    assert manager.latest() == good
+
+
+def _flip_a_byte(path):
+    shard = sorted(f for f in os.listdir(path) if f.endswith(".distcp"))[0]
+    with open(os.path.join(path, shard), "r+b") as f:
+        f.seek(os.path.getsize(os.path.join(path, shard)) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    return shard
+
+
+def test_damaged_latest_falls_back_to_the_newest_intact_checkpoint(single_rank, tmp_path, caplog):
+    chunks, opt = _build(0)
+    _step(chunks, opt, 0)
+    manager = CheckpointManager(str(tmp_path), CheckpointSection(keep_last=3))
+    first = manager.save(1, chunks, opt, {"iteration": 1, "consumed_tokens": 32})
+    second = manager.save(2, chunks, opt, {"iteration": 2, "consumed_tokens": 64})
+    assert manager.latest() == second
+    shard = _flip_a_byte(second)
+    with caplog.at_level("WARNING"):
+        assert manager.latest() == first
+    assert f"{shard} does not match its checksum" in caplog.text
+    _flip_a_byte(first)
+    with pytest.raises(DanubeConfigError, match="no intact checkpoint"):
+        manager.latest()
+    # the check can be turned off for a deliberate load of damaged data
+    assert CheckpointManager(str(tmp_path), CheckpointSection(verify=False)).latest() == second
+
+
+def test_manifest_lists_every_file_with_size_and_checksum(single_rank, tmp_path):
+    from megatron_danube.training import manifest
+
+    chunks, opt = _build(0)
+    _step(chunks, opt, 0)
+    path = CheckpointManager(str(tmp_path)).save(1, chunks, opt, {"iteration": 1})
+    entries = manifest.read_manifest(path)
+    assert set(entries) == set(manifest.list_files(path)) and "train_state.json" in entries
+    assert all(e["size"] == os.path.getsize(os.path.join(path, n)) for n, e in entries.items())
+    (tmp_path / "checkpoints" / "iter_0000001" / "stray.bin").write_bytes(b"x")
+    assert "stray.bin is not in the manifest" in manifest.verify_folder(path)

@@ -98,6 +98,35 @@ def test_checkpoint_on_sigterm_saves_exits_zero_and_resumes(tmp_path, corpora):
     again = run_pretrain(run_dir, corpora, *slow, "train.exit_after_steps=2")
     assert f"at iteration {stopped_at}," in again.stdout
     assert max(train_losses(run_dir)) == stopped_at + 2
+    iterations = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()
+                  if "loss" in json.loads(line)]
+    assert len(iterations) == len(set(iterations)), "a resumed step was recorded twice"
+
+
+@pytest.mark.parametrize("launcher,expected_rc", [
+    ("megatron_danube.cli.launch", 0),  # danube-launch: the signal means save and exit 0
+    ("torch.distributed.run", 1),  # torchrun itself reports the signal as a failure
+])
+def test_sigterm_to_the_launcher_saves(tmp_path, corpora, launcher, expected_rc):
+    """SIGTERM to the launcher only (a scheduler or Ctrl-C): every worker saves, nothing is
+    left half-written, and the run resumes from the stop."""
+    run_dir = tmp_path / "launcher"
+    # saves before the signal start megatron's writer helpers, which the signal must not kill
+    slow = ("train.train_tokens=25600", "checkpoint.save_interval=2")
+    proc = run_pretrain(run_dir, corpora, *slow, background=True, launcher=launcher)
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 300,
+             "training to start")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert "signal received: saved at a step boundary" in out, out[-3000:]
+    assert "BrokenPipeError" not in out
+    assert proc.returncode == expected_rc, out[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert not list(ckpts.glob("*.partial"))
+    stopped_at = int((ckpts / "latest").read_text().strip().split("_")[1])
+    again = run_pretrain(run_dir, corpora, *slow, "train.exit_after_steps=1")
+    assert f"at iteration {stopped_at}," in again.stdout
 
 
 def test_checkpoint_killed_mid_save_leaves_previous_latest_loadable(tmp_path, corpora):
@@ -140,6 +169,30 @@ def test_checkpoint_after_nonfinite_losses_stops_the_run(tmp_path, corpora):
     assert (run_dir / "checkpoints" / latest / "train_state.json").exists()
     state = json.loads((run_dir / "checkpoints" / latest / "train_state.json").read_text())
     assert state["skipped_steps"] >= 2 and state["bad_steps_in_row"] == 2
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert sum(1 for x in losses if x != x) == state["skipped_steps"]  # NaN, never 0.0
+    assert 0.0 not in losses
+
+
+def test_divergence_never_replaces_healthy_checkpoints(tmp_path, corpora):
+    """lr=1e6 after healthy saves: skipped steps are counted, and the healthy checkpoints
+    survive pruning; whatever is `latest` afterwards holds finite weights."""
+    run_dir = tmp_path / "diverge"
+    run_pretrain(run_dir, corpora, "checkpoint.save_interval=2", "checkpoint.keep_last=2",
+                 "train.exit_after_steps=4", nproc=1)
+    proc = run_pretrain(run_dir, corpora, "optim.lr=1.0e+6", "checkpoint.save_interval=1",
+                        "checkpoint.keep_last=2", "train.max_bad_steps=2", nproc=1, check=False)
+    state = json.loads(next((run_dir / "checkpoints").glob("iter_*/train_state.json")).read_text())
+    assert state["iteration"] >= 2
+    from megatron_danube.convert.checkpoint_io import load_megatron_weights, model_config_of
+    from megatron_danube.training.checkpointing import read_train_state
+
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    weights = load_megatron_weights(str(latest), model_config_of(read_train_state(str(latest))))
+    assert all(bool(t.isfinite().all()) for t in weights.values())
+    if proc.returncode == 1:
+        assert "non-finite losses in a row" in proc.stdout
 
 
 def test_resume_from_async_checkpoint_saves(tmp_path, corpora, tp2_runs):
