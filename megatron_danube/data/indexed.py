@@ -68,7 +68,7 @@ class IndexedWriter:
     def add_prefix(self, prefix: str) -> None:
         """Append a whole existing dataset (used to merge partitions)."""
         self._builder.add_index(prefix)
-        ds = IndexedDataset(prefix)
+        ds = IndexedDataset(prefix, mmap=False)  # an empty .bin cannot be memory-mapped
         self.documents += len(ds.document_indices) - 1
         self.tokens += int(ds.sequence_lengths.sum())
 

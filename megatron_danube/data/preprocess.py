@@ -4,7 +4,9 @@ The parent process reads raw lines and hands batches to a pool of workers, keepi
 number of batches in flight (memory does not grow with the corpus) and writing results in
 input order (output is identical for any number of workers). Workers decode, parse, check,
 split sentences and tokenise. Bad records are counted, reported with file:line and skipped,
-or are fatal with --strict. Output is renamed into place only on success.
+or are fatal with --strict. With several --json-keys the outputs stay aligned record for
+record: a key that is empty or missing beside other keys with text gets an empty document,
+reported as a warning. Output is renamed into place only on success.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import multiprocessing as mp
 import os
 import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -29,7 +32,8 @@ from megatron_danube.errors import DanubeConfigError
 
 BATCH_LINES = 512
 MAX_REPORTED = 5
-BAD_KINDS = ("malformed_json", "missing_key", "not_a_string", "invalid_utf8", "empty")
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- worker side
@@ -37,23 +41,32 @@ BAD_KINDS = ("malformed_json", "missing_key", "not_a_string", "invalid_utf8", "e
 _W: Dict[str, object] = {}
 
 
-def _init_worker(tokenizer_spec, tokenizer_type, keys, split_sentences, lang, append_eod):
+def _init_worker(tokenizer_spec, tokenizer_type, keys, split_sentences, lang, append_eod,
+                 keep_newlines):
     _W["tok"] = load_tokenizer(tokenizer_spec, tokenizer_type)
     _W["keys"] = keys
     _W["append_eod"] = append_eod
-    _W["splitter"] = sentence_splitter(lang) if split_sentences else None
+    _W["splitter"] = sentence_splitter(lang, keep_newlines=keep_newlines) if split_sentences \
+        else None
 
 
 _SPLITTER_WARNED = False
 
 
-def sentence_splitter(lang: str, quiet: bool = True):
-    """nltk punkt for `lang`; without punkt data (no downloads here), nltk's untrained Punkt."""
+def sentence_splitter(lang: str, quiet: bool = True,
+                      keep_newlines: bool = False) -> Callable[[str], List[str]]:
+    """nltk punkt for `lang`; without punkt data (no downloads here), nltk's untrained Punkt.
+
+    punkt drops the whitespace between sentences. With `keep_newlines` each sentence runs up to
+    the start of the next one instead, so the newlines after it are tokenised with it (what
+    Megatron-LM's --keep-newlines gives); the text after the last sentence is dropped, as punkt
+    does.
+    """
     global _SPLITTER_WARNED
     import nltk.tokenize.punkt as punkt
 
     try:
-        return punkt.PunktTokenizer(lang).tokenize
+        tokenizer = punkt.PunktTokenizer(lang)
     except (LookupError, OSError, ValueError):
         if not quiet and not _SPLITTER_WARNED:
             print(
@@ -64,32 +77,52 @@ def sentence_splitter(lang: str, quiet: bool = True):
                 flush=True,
             )
             _SPLITTER_WARNED = True
-        return punkt.PunktSentenceTokenizer().tokenize
+        tokenizer = punkt.PunktSentenceTokenizer()
+    if not keep_newlines:
+        return tokenizer.tokenize
+
+    def split_keeping_newlines(text: str) -> List[str]:
+        spans = list(tokenizer.span_tokenize(text))
+        if not spans:
+            return []
+        cuts = [0] + [start for start, _ in spans[1:]] + [spans[-1][1]]
+        return [text[a:b] for a, b in itertools.pairwise(cuts)]
+
+    return split_keeping_newlines
 
 
-def _text_of(kind: str, raw, key: str) -> Tuple[Optional[str], Optional[str]]:
-    """(text, None) or (None, reason)."""
+def _record(kind: str, raw) -> Tuple[object, Optional[str]]:
+    """(record, None), or (None, reason) when the line cannot be read at all."""
     if kind == "parquet":
-        value = raw.get(key) if isinstance(raw, dict) else None
-        if key not in raw:
-            return None, "missing_key"
+        return raw, None
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "invalid_utf8"
+    if kind == "text":
+        return line.rstrip("\r\n"), None
+    if not line.strip():
+        return None, "empty"
+    try:
+        return json.loads(line), None
+    except ValueError:
+        return None, "malformed_json"
+
+
+def _value(record, key: str) -> Tuple[Union[str, List[str], None], Optional[str]]:
+    """The text under `key`: a string, or a list of strings (sentences already split, as in
+    Megatron-LM's pre-split format) without its blank items; or (None, reason)."""
+    if isinstance(record, str):  # a text file's line is the text of every key
+        value = record
+    elif not isinstance(record, dict) or key not in record:
+        return None, "missing_key"
     else:
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None, "invalid_utf8"
-        if kind == "text":
-            value = line.rstrip("\r\n")
-        else:
-            if not line.strip():
-                return None, "empty"
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                return None, "malformed_json"
-            if not isinstance(obj, dict) or key not in obj:
-                return None, "missing_key"
-            value = obj[key]
+        value = record[key]
+    if isinstance(value, list):
+        if not all(isinstance(item, str) for item in value):
+            return None, "not_a_string"
+        value = [item for item in value if item.strip()]
+        return (value, None) if value else (None, "empty")
     if not isinstance(value, str):
         return None, "not_a_string"
     if not value.strip():
@@ -97,52 +130,78 @@ def _text_of(kind: str, raw, key: str) -> Tuple[Optional[str], Optional[str]]:
     return value, None
 
 
+# A key that is empty or missing in a record that has text under another key: kept as an empty
+# document so that the outputs of several keys stay aligned, and reported as a warning.
+KEPT_EMPTY = ("empty", "missing_key")
+
+
 def process_batch(task):
-    """Tokenise one batch. Returns per key: flat token array, doc lengths, sentence lengths."""
+    """Tokenise one batch. Returns per key (flat token array, doc lengths, sentence lengths),
+    the skipped records as (line, reason), the records kept with an empty key as
+    (line, key, reason), and the bytes read."""
     kind, records = task
     tok, keys, splitter = _W["tok"], _W["keys"], _W["splitter"]
     eod = tok.eod if _W["append_eod"] else None
     bad: List[Tuple[int, str]] = []
-    texts: Dict[str, List[str]] = {k: [] for k in keys}
+    kept_empty: List[Tuple[int, str, str]] = []
+    texts: Dict[str, list] = {k: [] for k in keys}
     nbytes = 0
     for number, raw in records:
         nbytes += len(raw) if isinstance(raw, (bytes, bytearray)) else 0
-        values = []
+        record, reason = _record(kind, raw)
+        if reason:
+            bad.append((number, reason))
+            continue
+        values, empty = [], []
         for key in keys:
-            text, reason = _text_of(kind, raw, key)
-            if reason:
+            text, reason = _value(record, key)
+            if reason and reason not in KEPT_EMPTY:
                 bad.append((number, reason))
                 break
+            if reason:
+                empty.append((number, key, reason))
             values.append(text)
         else:
-            for key, text in zip(keys, values):
+            if len(empty) == len(keys):  # no text under any key: no document is worth writing
+                bad.append((number, empty[0][2]))
+                continue
+            kept_empty += empty
+            for key, text in zip(keys, values, strict=True):
                 texts[key].append(text)
     out = {}
     dtype = token_dtype(tok.vocab_size)
     for key in keys:
-        docs = texts[key]
-        if splitter is None:
-            encoded = tok.encode_batch(docs) if docs else []
-            sentence_lengths = None
-        else:
-            encoded, sentence_lengths = [], []
-            for doc in docs:
-                sentences = [s for s in splitter(doc) if s.strip()] or [doc]
-                pieces = tok.encode_batch(sentences)
-                lens = [len(p) for p in pieces]
-                ids = [i for p in pieces for i in p]
-                encoded.append(ids)
-                sentence_lengths.append(lens)
-        if eod is not None:
-            for i, ids in enumerate(encoded):
+        # Every document's segments (sentences, or the whole text) are encoded in one call.
+        segments, counts = [], []
+        for text in texts[key]:
+            if text is None:
+                parts = []
+            elif isinstance(text, list):  # already split: never split again
+                parts = text
+            elif splitter is None:
+                parts = [text]
+            else:
+                parts = [s for s in splitter(text) if s.strip()] or [text]
+            segments += parts
+            counts.append(len(parts))
+        pieces = iter(tok.encode_batch(segments) if segments else [])
+        encoded, sentence_lengths = [], []
+        for count in counts:
+            # Segments that tokenise to nothing are no sentences (Megatron-LM drops them too);
+            # an empty document is one empty sentence, so it still has an item to hold the EOD.
+            doc = [p for p in itertools.islice(pieces, count) if p]
+            lens = [len(p) for p in doc] or [0]
+            ids = doc[0] if len(doc) == 1 else [i for p in doc for i in p]  # no copy if whole
+            if eod is not None:
                 ids.append(eod)
-                if sentence_lengths is not None:
-                    sentence_lengths[i][-1] += 1
+                lens[-1] += 1
+            encoded.append(ids)
+            sentence_lengths.append(lens)
         lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
         flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype,
                            count=int(lengths.sum()))
-        out[key] = (flat, lengths, sentence_lengths)
-    return out, bad, nbytes
+        out[key] = (flat, lengths, sentence_lengths if splitter is not None else None)
+    return out, bad, kept_empty, nbytes
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -150,28 +209,48 @@ def process_batch(task):
 
 @dataclass
 class Stats:
+    records: int = 0  # records read, bad ones included: what --max-documents counts
     documents: int = 0
     tokens: int = 0
     bytes: int = 0
     bad: Counter = field(default_factory=Counter)
     reported: List[str] = field(default_factory=list)
+    kept_empty: Counter = field(default_factory=Counter)
+    kept_reported: List[str] = field(default_factory=list)
+
+    def add(self, other: Stats) -> None:
+        self.records += other.records
+        self.documents += other.documents
+        self.tokens += other.tokens
+        self.bytes += other.bytes
+        self.bad.update(other.bad)
+        self.reported += other.reported[: MAX_REPORTED - len(self.reported)]
+        self.kept_empty.update(other.kept_empty)
+        self.kept_reported += other.kept_reported[: MAX_REPORTED - len(self.kept_reported)]
 
 
-def _batches(pieces: List[Piece]):
+def _chunks(records, size: int):
+    while chunk := list(itertools.islice(records, size)):
+        yield chunk
+
+
+def _batches(pieces: List[Piece], limit: Optional[int] = None):
+    """(piece, record count, task) for batches of records in input order; `limit` records at
+    most (None: all)."""
+    read = 0
     for piece in pieces:
-        records = []
-        for number, raw in read_piece(piece):
-            records.append((number, raw))
-            if len(records) == BATCH_LINES:
-                yield piece, (piece.kind, records)
-                records = []
-        if records:
-            yield piece, (piece.kind, records)
+        left = None if limit is None else limit - read
+        if left == 0:
+            return
+        for records in _chunks(itertools.islice(read_piece(piece), left), BATCH_LINES):
+            read += len(records)
+            yield piece, len(records), (piece.kind, records)
 
 
 def run_partition(pieces: List[Piece], prefixes: Dict[str, str], args, pool, progress,
-                  vocab_size: int) -> Stats:
-    """Tokenise `pieces` into one dataset per JSON key, in input order."""
+                  vocab_size: int, limit: Optional[int] = None) -> Stats:
+    """Tokenise `pieces` (their first `limit` records) into one dataset per JSON key, in input
+    order."""
     # Partition outputs of a merged run are intermediate: a killed earlier run's may be replaced.
     overwrite = args.overwrite or (args.partitions > 1 and args.partition_index is None)
     writers = {k: IndexedWriter(p, vocab_size, overwrite=overwrite) for k, p in prefixes.items()}
@@ -181,8 +260,9 @@ def run_partition(pieces: List[Piece], prefixes: Dict[str, str], args, pool, pro
         window = max(2, 4 * args.workers)
 
         def drain_one():
-            piece, result = in_flight.popleft()
-            out, bad, nbytes = result.get() if pool is not None else result
+            piece, count, result = in_flight.popleft()
+            out, bad, kept_empty, nbytes = result.get() if pool is not None else result
+            stats.records += count
             stats.bytes += nbytes
             for number, reason in bad:
                 stats.bad[reason] += 1
@@ -194,6 +274,11 @@ def run_partition(pieces: List[Piece], prefixes: Dict[str, str], args, pool, pro
                     )
                 if len(stats.reported) < MAX_REPORTED:
                     stats.reported.append(f"{where}: {reason.replace('_', ' ')}")
+            for number, key, reason in kept_empty:
+                stats.kept_empty[reason] += 1
+                if len(stats.kept_reported) < MAX_REPORTED:
+                    stats.kept_reported.append(
+                        f"{piece.path}:{number}: {reason.replace('_', ' ')} under {key!r}")
             for key, (flat, lengths, sentence_lengths) in out.items():
                 writers[key].add_batch(flat, lengths, sentence_lengths)
             first = next(iter(out.values()))
@@ -201,11 +286,11 @@ def run_partition(pieces: List[Piece], prefixes: Dict[str, str], args, pool, pro
             stats.tokens += int(sum(int(v[1].sum()) for v in out.values()))
             progress.update(stats)
 
-        for piece, task in _batches(pieces):
+        for piece, count, task in _batches(pieces, limit):
             if pool is None:
-                in_flight.append((piece, process_batch(task)))
+                in_flight.append((piece, count, process_batch(task)))
             else:
-                in_flight.append((piece, pool.apply_async(process_batch, (task,))))
+                in_flight.append((piece, count, pool.apply_async(process_batch, (task,))))
             while len(in_flight) >= window:
                 drain_one()
         while in_flight:
@@ -220,12 +305,18 @@ def run_partition(pieces: List[Piece], prefixes: Dict[str, str], args, pool, pro
 
 
 class Progress:
-    """A tqdm bar with docs/s, tokens/s and MB/s (stderr); silent when not a terminal."""
+    """A tqdm bar with docs/s, tokens/s and MB/s (only where stderr is a terminal) and, every
+    `log_interval` documents, a log line. Counts run over the whole run: `done` holds the
+    partitions already finished, the `stats` passed to `update` the one in progress."""
 
-    def __init__(self, total_bytes: int, enabled: bool):
+    def __init__(self, total_bytes: int, enabled: bool, log_interval: Optional[int],
+                 done: Stats):
         self.t0 = time.perf_counter()
         self.bar = None
         self.last = 0.0
+        self.interval = log_interval
+        self.next_log = log_interval
+        self.done = done
         if enabled:
             from tqdm import tqdm
 
@@ -233,16 +324,23 @@ class Progress:
                             file=sys.stderr, mininterval=0.5)
 
     def update(self, stats: Stats) -> None:
-        if self.bar is None:
-            return
         now = time.perf_counter()
-        if now - self.last < 0.5:
+        dt = max(now - self.t0, 1e-9)
+        documents = self.done.documents + stats.documents
+        tokens = self.done.tokens + stats.tokens
+        nbytes = self.done.bytes + stats.bytes
+        # Results arrive a batch at a time: one line however many multiples a batch passes.
+        if self.interval is not None and documents >= self.next_log:
+            self.next_log = (documents // self.interval + 1) * self.interval
+            logger.info("%s documents, %s tokens, %.1f s elapsed (%s docs/s, %.1f MB/s)",
+                        f"{documents:,}", f"{tokens:,}", dt, f"{documents / dt:,.0f}",
+                        nbytes / dt / 1e6)
+        if self.bar is None or now - self.last < 0.5:
             return
         self.last = now
-        dt = max(now - self.t0, 1e-9)
-        self.bar.n = stats.bytes
-        self.bar.set_postfix(docs_s=f"{stats.documents / dt:,.0f}", tok_s=f"{stats.tokens / dt:,.0f}",
-                             MB_s=f"{stats.bytes / dt / 1e6:.1f}", refresh=True)
+        self.bar.n = nbytes
+        self.bar.set_postfix(docs_s=f"{documents / dt:,.0f}", tok_s=f"{tokens / dt:,.0f}",
+                             MB_s=f"{nbytes / dt / 1e6:.1f}", refresh=True)
 
     def close(self):
         if self.bar is not None:
@@ -252,33 +350,73 @@ class Progress:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="preprocess_data.py",
-        description="Tokenise a corpus into Megatron indexed datasets (PREFIX_KEY_document.bin/.idx)",
+        description="Tokenise a corpus into Megatron indexed datasets "
+                    "(PREFIX_KEY_document.bin/.idx)",
     )
     g = p.add_argument_group("input")
     g.add_argument("--input", required=True, nargs="+",
                    help="JSONL (.jsonl, .gz, .zst), parquet or text files, directories or globs")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (one output each)")
-    g.add_argument("--split-sentences", action="store_true", help="store sentences as items (nltk punkt)")
+    g.add_argument(
+        "--json-keys", nargs="+", default=["text"],
+        help="keys to extract, one output each. A value is a string, or a list of strings taken "
+             "as the document's sentences (Megatron-LM's pre-split format; with "
+             "--split-sentences each item is one sentence, without it the items' tokens are "
+             "concatenated into one document). With several keys the outputs stay aligned, "
+             "one document per record in each: a key that is empty or missing gets an empty "
+             "document (one empty item; just the EOD with --append-eod), reported as a warning; "
+             "a record with no text under any key is skipped. (Megatron-LM writes an empty key "
+             "as a document of no items, without EOD, and stops at a missing key.) With one "
+             "key, unlike Megatron-LM, empty records are skipped and reported: there is nothing "
+             "to keep aligned, an empty document has no text to train on, and as an item "
+             "GPTDataset would count and shuffle it like any document (a lone EOD with "
+             "--append-eod)")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="store sentences as items (nltk punkt)")
+    g.add_argument("--keep-newlines", action="store_true",
+                   help="with --split-sentences, keep the newlines (all whitespace) between "
+                        "sentences, each with the sentence before it, as Megatron-LM does; "
+                        "without --split-sentences documents are tokenised whole, newlines "
+                        "included, either way")
     g.add_argument("--lang", default="english", help="punkt language for --split-sentences")
+    g.add_argument("--max-documents", type=int, default=None, metavar="N",
+                   help="read only the first N input records (JSONL/text lines, parquet rows) "
+                        "of the whole input, in order, then stop; bad records, blank lines "
+                        "included, count as read and are skipped, so fewer than N documents may "
+                        "be written. Default: all. Not with --partition-index")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-model", required=True,
                    help="SentencePiece .model, HF tokenizer directory, or mistral-v1")
     g.add_argument("--tokenizer-type", default=None,
                    help="SentencePieceTokenizer or HuggingFaceTokenizer (default: inferred)")
-    g.add_argument("--append-eod", action="store_true", help="append the EOS token to each document")
+    g.add_argument("--append-eod", action="store_true",
+                   help="append the EOS token to each document")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_KEY_document.bin/.idx")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="tokeniser processes")
+    g.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)),
+                   help="tokeniser processes")
     g.add_argument("--partitions", type=int, default=1,
-                   help="split the input into K parts (files or line ranges) processed one by one")
+                   help="split the input into K parts (files or line ranges) processed one by "
+                        "one")
     g.add_argument("--partition-index", type=int, default=None,
-                   help="process only this partition (SLURM arrays: $SLURM_ARRAY_TASK_ID); no merge")
-    g.add_argument("--keep-partitions", action="store_true", help="keep per-partition outputs after merging")
-    g.add_argument("--strict", action="store_true", help="stop at the first bad record")
+                   help="process only this partition (SLURM arrays: $SLURM_ARRAY_TASK_ID); "
+                        "no merge")
+    g.add_argument("--keep-partitions", action="store_true",
+                   help="keep per-partition outputs after merging")
+    g.add_argument("--keep-sequential-samples", action="store_true",
+                   help="accepted for Megatron-LM compatibility: output is always in input order, "
+                        "since partitions are consecutive runs of the input merged in order "
+                        "(Megatron-LM deals lines round-robin to partitions without this flag)")
+    g.add_argument("--strict", action="store_true",
+                   help="stop at the first record that would be skipped (an empty key kept as an "
+                        "empty document beside other keys is a warning, not an error)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--log-interval", type=int, default=None, help="accepted for Megatron-LM compatibility")
+    g.add_argument("--log-interval", type=int, default=None, metavar="N",
+                   help="log documents written, tokens, elapsed time, docs/s and MB/s to stderr "
+                        f"each time the document count passes a multiple of N (checked per "
+                        f"batch of {BATCH_LINES} records). Default: off; the progress bar shows "
+                        f"the same on a terminal (Megatron-LM's default is 1000)")
     return p
 
 
@@ -289,6 +427,10 @@ def output_prefix(base: str, key: str, level: str, partition: Optional[int] = No
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Progress and warnings go to stderr, where Megatron-LM prints them, unless the caller has
+    # set up logging; only this module's INFO lines, not megatron-core's, are let through.
+    logging.basicConfig(stream=sys.stderr, format="preprocess: %(message)s")
+    logger.setLevel(logging.INFO)
     try:
         return _main(args)
     except DanubeConfigError as exc:
@@ -309,6 +451,15 @@ def _main(args) -> int:
         raise DanubeConfigError(
             f"--partition-index {args.partition_index} is outside 0..{args.partitions - 1}"
         )
+    if args.max_documents is not None and args.max_documents < 1:
+        raise DanubeConfigError(f"--max-documents must be >= 1, got {args.max_documents}")
+    if args.max_documents is not None and args.partition_index is not None:
+        raise DanubeConfigError(
+            "--max-documents counts from the start of the whole input, which one "
+            "--partition-index does not read; drop --partition-index or cut the input first"
+        )
+    if args.log_interval is not None and args.log_interval < 1:
+        raise DanubeConfigError(f"--log-interval must be >= 1, got {args.log_interval}")
     tok = load_tokenizer(args.tokenizer_model, args.tokenizer_type)
     files = expand_inputs(args.input)
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
@@ -327,9 +478,11 @@ def _main(args) -> int:
     partitions = make_partitions(files, args.partitions)
     todo = range(args.partitions) if args.partition_index is None else [args.partition_index]
     total_bytes = sum(os.path.getsize(f) for f in files)
-    progress = Progress(total_bytes, enabled=not args.no_progress and sys.stderr.isatty())
+    totals = Stats()
+    progress = Progress(total_bytes, enabled=not args.no_progress and sys.stderr.isatty(),
+                        log_interval=args.log_interval, done=totals)
     init = (args.tokenizer_model, args.tokenizer_type, args.json_keys, args.split_sentences,
-            args.lang, args.append_eod)
+            args.lang, args.append_eod, args.keep_newlines)
     pool = None
     if args.workers > 1:
         pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
@@ -337,45 +490,59 @@ def _main(args) -> int:
     else:
         _init_worker(*init)
     t0 = time.perf_counter()
-    totals = Stats()
+    done = []
     try:
         for index in todo:
+            # Partitions run one after another, so --max-documents carries over from one to
+            # the next; once it is reached the rest of the input is not read at all.
+            limit = None if args.max_documents is None else args.max_documents - totals.records
+            if limit == 0:
+                break
             pieces = partitions[index]
             if args.partitions == 1:
                 prefixes = finals
             else:
-                prefixes = {k: output_prefix(args.output_prefix, k, level, index) for k in args.json_keys}
-            stats = run_partition(pieces, prefixes, args, pool, progress, tok.vocab_size)
-            totals.documents += stats.documents
-            totals.tokens += stats.tokens
-            totals.bytes += stats.bytes
-            totals.bad.update(stats.bad)
-            totals.reported += stats.reported[: MAX_REPORTED - len(totals.reported)]
+                prefixes = {k: output_prefix(args.output_prefix, k, level, index)
+                            for k in args.json_keys}
+            totals.add(run_partition(pieces, prefixes, args, pool, progress, tok.vocab_size,
+                                     limit))
+            done.append(index)
     finally:
         progress.close()
         if pool is not None:
             pool.terminate()
     if args.partitions > 1 and args.partition_index is None:
-        merge_partitions(args, finals, level, tok.vocab_size)
+        merge_partitions(args, finals, level, tok.vocab_size, done)
     dt = time.perf_counter() - t0
+    if args.max_documents is not None and totals.records == args.max_documents:
+        logger.info("stopped after the first %s input records (--max-documents)",
+                    f"{totals.records:,}")
     print(f"preprocess: {totals.documents:,} documents, {totals.tokens:,} tokens, "
-          f"{totals.bytes / 1e6:.1f} MB in {dt:.1f} s ({totals.tokens / max(dt, 1e-9):,.0f} tokens/s, "
-          f"{args.workers} workers)", file=sys.stderr)
+          f"{totals.bytes / 1e6:.1f} MB in {dt:.1f} s "
+          f"({totals.tokens / max(dt, 1e-9):,.0f} tokens/s, {args.workers} workers)",
+          file=sys.stderr)
     if totals.bad:
         summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(totals.bad.items()))
         print(f"preprocess: skipped {sum(totals.bad.values())} bad records ({summary}); first:",
               file=sys.stderr)
         for line in totals.reported:
             print(f"  {line}", file=sys.stderr)
-    for key, prefix in finals.items():
-        if args.partition_index is None:
+    if totals.kept_empty:
+        summary = ", ".join(f"{n} {k.replace('_', ' ')}"
+                            for k, n in sorted(totals.kept_empty.items()))
+        logger.warning("kept %d records whose key was empty or missing as an empty document in "
+                       "that key's output, so that all outputs stay aligned (%s); first:\n%s",
+                       sum(totals.kept_empty.values()), summary,
+                       "\n".join(f"  {line}" for line in totals.kept_reported))
+    if args.partition_index is None:
+        for prefix in finals.values():
             print(f"wrote {prefix}.bin/.idx")
     return 0
 
 
-def merge_partitions(args, finals, level, vocab_size) -> None:
+def merge_partitions(args, finals, level, vocab_size, indices: List[int]) -> None:
     for key, final in finals.items():
-        parts = [output_prefix(args.output_prefix, key, level, i) for i in range(args.partitions)]
+        parts = [output_prefix(args.output_prefix, key, level, i) for i in indices]
         with IndexedWriter(final, vocab_size, overwrite=args.overwrite) as writer:
             for part in parts:
                 writer.add_prefix(part)

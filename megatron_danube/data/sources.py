@@ -147,7 +147,7 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
-def read_piece(piece: Piece, text_key: str = "text") -> Iterator[Tuple[int, object]]:
+def read_piece(piece: Piece) -> Iterator[Tuple[int, object]]:
     if piece.kind == "parquet":
         import pyarrow.parquet as pq
 

@@ -133,9 +133,12 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
-    if torch.cuda.is_available() and os.environ.get("DANUBE_FORCE_CPU") != "1":
-        raise RuntimeError(
-            "cpu_compat.apply() called on a machine with CUDA; it is for CPU runs only"
+    if torch.cuda.is_available():
+        from megatron_danube.errors import DanubeConfigError
+
+        raise DanubeConfigError(
+            "train.device=cpu on a machine with a CUDA GPU: megatron's CPU patches are never "
+            "applied next to a GPU; use train.device=auto or cuda"
         )
 
     _proxy_megatron_modules(_TorchProxy())

@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,7 +106,8 @@ def test_partition_index_for_slurm_arrays_then_merge_tool(tmp_path, docs):
     run("--input", src, "--output-prefix", tmp_path / "whole", "--workers", 1)
     merged = tmp_path / "merged_text_document"
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "merge_datasets.py"), "--input",
-                    str(tmp_path / "p_part000_text_document"), str(tmp_path / "p_part001_text_document"),
+                    str(tmp_path / "p_part000_text_document"),
+                    str(tmp_path / "p_part001_text_document"),
                     "--output-prefix", str(merged)], check=True, capture_output=True)
     assert read_docs(str(merged)) == read_docs(str(tmp_path / "whole_text_document"))
 
@@ -135,14 +137,16 @@ def test_bad_records_are_reported_with_file_and_line_and_skipped(tmp_path, capsy
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--tokenizer-model", "/nonexistent/tok.model"], "tokenizer '/nonexistent/tok.model' not found"),
+    (["--tokenizer-model", "/nonexistent/tok.model"],
+     "tokenizer '/nonexistent/tok.model' not found"),
     (["--input", "/nonexistent.jsonl"], "no such file or directory"),
     (["--output-prefix", "/nonexistent-dir/x"], "does not exist"),
 ])
 def test_bad_paths_fail_in_one_line_before_any_work(tmp_path, capsys, args, message):
     src = write_jsonl(tmp_path / "in.jsonl", ["a b c"])
-    base = {"--input": src, "--output-prefix": str(tmp_path / "o"), "--tokenizer-model": "mistral-v1"}
-    for k, v in zip(args[0::2], args[1::2]):
+    base = {"--input": src, "--output-prefix": str(tmp_path / "o"),
+            "--tokenizer-model": "mistral-v1"}
+    for k, v in zip(args[0::2], args[1::2], strict=True):
         base[k] = v
     argv = ["--no-progress"] + [x for kv in base.items() for x in kv]
     assert preprocess(argv) == 2
@@ -217,3 +221,164 @@ def test_inspect_dataset_tool(tmp_path, docs):
                           "--show", "1"], capture_output=True, text=True, check=True).stdout
     assert "20 documents" in out and "--- document 0" in out
     assert docs[0][:20] in out
+
+
+def doc_count(prefix):
+    """Documents in PREFIX.idx."""
+    return len(IndexedDataset(str(prefix)).document_indices) - 1
+
+
+def items(prefix):
+    ds = IndexedDataset(str(prefix))
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def test_keep_newlines_keeps_the_newlines_between_sentences(tmp_path, tok):
+    text = "First sentence here.\nSecond one is here.\n\nThird. Fourth!\n"
+    src = write_jsonl(tmp_path / "in.jsonl", [text])
+    assert run("--input", src, "--output-prefix", tmp_path / "keep", "--split-sentences",
+               "--keep-newlines", "--workers", 1) == 0
+    # Each sentence runs up to the next one, so the newlines after it are tokenised with it.
+    kept = ["First sentence here.\n", "Second one is here.\n\n", "Third. ", "Fourth!"]
+    assert items(tmp_path / "keep_text_sentence") == [tok.encode(s) for s in kept]
+    newline = tok.encode("a\nb")[1]
+    assert sum(ids.count(newline) for ids in items(tmp_path / "keep_text_sentence")) == 3
+    # Without the flag punkt drops the whitespace between sentences, as before.
+    assert run("--input", src, "--output-prefix", tmp_path / "drop", "--split-sentences",
+               "--workers", 1) == 0
+    dropped = ["First sentence here.", "Second one is here.", "Third.", "Fourth!"]
+    assert items(tmp_path / "drop_text_sentence") == [tok.encode(s) for s in dropped]
+
+
+def test_keep_sequential_samples_partitions_keep_input_order(tmp_path, tok, docs):
+    # The first partition ends inside a.jsonl: one file is cut by lines, the other whole.
+    write_jsonl(tmp_path / "a.jsonl", docs[:250])
+    write_jsonl(tmp_path / "b.jsonl", docs[250:300])
+    assert run("--input", tmp_path / "a.jsonl", tmp_path / "b.jsonl", "--output-prefix",
+               tmp_path / "o", "--partitions", 2, "--keep-sequential-samples",
+               "--workers", 2) == 0
+    assert read_docs(str(tmp_path / "o_text_document")) == [tok.encode(d) for d in docs[:300]]
+
+
+def test_max_documents_counts_records_read_bad_ones_included(tmp_path, capsys, caplog, tok):
+    src = tmp_path / "in.jsonl"
+    with open(src, "w") as f:
+        f.write('{"text": "one"}\n{not json\n{"text": "two"}\n{"text": "three"}\n'
+                '{"text": "four"}\n{"text": "five"}\n')
+    # The first 4 records: one, (malformed, read and skipped), two, three.
+    assert run("--input", src, "--output-prefix", tmp_path / "o", "--max-documents", 4,
+               "--workers", 2) == 0
+    assert doc_count(tmp_path / "o_text_document") == 3
+    assert read_docs(str(tmp_path / "o_text_document")) == [tok.encode(w)
+                                                           for w in ("one", "two", "three")]
+    assert "skipped 1 bad records" in capsys.readouterr().err
+    assert "stopped after the first 4 input records" in caplog.text
+    # Partitions run in turn and the limit carries over; the first holds 4 lines, so a limit of
+    # 4 ends with it and one of 5 reads one record of the second.
+    for limit, count in ((4, 3), (5, 4)):
+        args = ("--input", src, "--max-documents", limit, "--workers", 1, "--overwrite")
+        assert run(*args, "--output-prefix", tmp_path / "whole") == 0
+        assert run(*args, "--output-prefix", tmp_path / "parts", "--partitions", 2) == 0
+        assert doc_count(tmp_path / "parts_text_document") == count
+        for ext in (".bin", ".idx"):
+            assert (tmp_path / f"whole_text_document{ext}").read_bytes() == \
+                   (tmp_path / f"parts_text_document{ext}").read_bytes()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-documents", "0"], "--max-documents must be >= 1, got 0"),
+    (["--max-documents", "-3"], "--max-documents must be >= 1, got -3"),
+    (["--log-interval", "0"], "--log-interval must be >= 1, got 0"),
+    (["--max-documents", "2", "--partitions", "2", "--partition-index", "1"],
+     "--max-documents counts from the start of the whole input"),
+])
+def test_bad_new_flag_values_are_one_line_errors(tmp_path, capsys, args, message):
+    src = write_jsonl(tmp_path / "in.jsonl", ["a b c"])
+    assert run("--input", src, "--output-prefix", tmp_path / "o", *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not list(tmp_path.glob("o_*"))
+
+
+def test_log_interval_logs_progress_lines_to_stderr(tmp_path, caplog, docs):
+    src = write_jsonl(tmp_path / "in.jsonl", docs * 2)  # 800 records: batches of 512 and 288
+    proc = subprocess.run([sys.executable, TOOL, "--input", src, "--output-prefix",
+                           str(tmp_path / "o"), "--tokenizer-model", "mistral-v1", "--workers", "1",
+                           "--no-progress", "--log-interval", "300"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    pattern = (r"^preprocess: ([\d,]+) documents, [\d,]+ tokens, [\d.]+ s elapsed "
+               r"\([\d,]+ docs/s, [\d.]+ MB/s\)$")
+    counts = [m.group(1) for m in re.finditer(pattern, proc.stderr, re.M)]
+    assert counts == ["512", "800"], proc.stderr
+    # Without the flag: no progress lines.
+    assert run("--input", src, "--output-prefix", tmp_path / "quiet", "--workers", 1) == 0
+    assert "docs/s" not in caplog.text
+
+
+def test_list_values_are_presplit_sentences(tmp_path, capsys, tok):
+    src = tmp_path / "in.jsonl"
+    sentences = ["Mr. Smith arrived. He left.", "  ", "Then it rained."]
+    with open(src, "w") as f:
+        f.write(json.dumps({"text": sentences}) + "\n")
+        f.write(json.dumps({"text": ["fine", 3]}) + "\n")  # line 2: a non-string item
+        f.write(json.dumps({"text": "A plain string."}) + "\n")
+    said = [s for s in sentences if s.strip()]  # blank items are no sentences
+    eod = tok.eod
+    # Without --split-sentences: one document, each item tokenised, one item per document.
+    assert run("--input", src, "--output-prefix", tmp_path / "d", "--append-eod") == 0
+    err = capsys.readouterr().err
+    assert "in.jsonl:2: not a string" in err and "skipped 1 bad records" in err
+    assert doc_count(tmp_path / "d_text_document") == 2
+    assert items(tmp_path / "d_text_document") == [
+        tok.encode(said[0]) + tok.encode(said[1]) + [eod], tok.encode("A plain string.") + [eod]]
+    # With --split-sentences: the items are the sentences, never split again by punkt.
+    assert run("--input", src, "--output-prefix", tmp_path / "s", "--append-eod",
+               "--split-sentences") == 0
+    err = capsys.readouterr().err
+    assert "in.jsonl:2: not a string" in err and "skipped 1 bad records" in err
+    ds = IndexedDataset(str(tmp_path / "s_text_sentence"))
+    assert doc_count(tmp_path / "s_text_sentence") == 2
+    assert [ds[i].tolist() for i in range(ds.document_indices[0], ds.document_indices[1])] == [
+        tok.encode(said[0]), tok.encode(said[1]) + [eod]]
+
+
+def test_several_json_keys_stay_aligned_when_one_key_is_empty(tmp_path, capsys, caplog, tok):
+    src = tmp_path / "in.jsonl"
+    records = [{"text": "a b", "summary": "first"},
+               {"text": "c d", "summary": " "},   # line 2: empty summary, kept
+               {"text": "e f"},                    # line 3: no summary, kept
+               {"text": "", "summary": ""},        # line 4: no text at all, skipped
+               {"text": "g", "summary": "last"}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run("--input", src, "--output-prefix", tmp_path / "o", "--json-keys", "text",
+               "summary", "--append-eod", "--workers", 2) == 0
+    eod = tok.eod
+    text, summary = tmp_path / "o_text_document", tmp_path / "o_summary_document"
+    assert doc_count(text) == doc_count(summary) == 4
+    assert len(IndexedDataset(str(text))) == len(IndexedDataset(str(summary))) == 4
+    assert read_docs(str(text)) == [tok.encode(t) + [eod] for t in ("a b", "c d", "e f", "g")]
+    assert read_docs(str(summary)) == [tok.encode("first") + [eod], [eod], [eod],
+                                       tok.encode("last") + [eod]]
+    assert "in.jsonl:4: empty" in capsys.readouterr().err
+    assert "kept 2 records" in caplog.text
+    assert "in.jsonl:2: empty under 'summary'" in caplog.text
+    assert "in.jsonl:3: missing key under 'summary'" in caplog.text
+    # One key: empty records are still skipped, not written.
+    assert run("--input", src, "--output-prefix", tmp_path / "one", "--json-keys",
+               "summary") == 0
+    assert doc_count(tmp_path / "one_summary_document") == 2
+
+
+def test_help_describes_every_megatron_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        preprocess(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ["--keep-newlines with --split-sentences, keep the newlines",
+                   "--keep-sequential-samples accepted for Megatron-LM compatibility",
+                   "--max-documents N read only the first N input records",
+                   "--log-interval N log documents written",
+                   "a key that is empty or missing gets an empty document",
+                   "With one key, unlike Megatron-LM, empty records are skipped and reported"]:
+        assert phrase in text, phrase
