@@ -24,8 +24,10 @@ KNOWN_WARNINGS = (
     # megatron's TransformerConfig defaults trip its own deprecation note on every build.
     (r".*full scope is deprecated.*", r"megatron\.core\.transformer.*"),
     # megatron 0.16 calls the collectives torch renamed; the old names still work.
-    (r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor).*deprecated.*",
-     r"torch\.distributed\..*"),
+    (
+        r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor).*deprecated.*",
+        r"torch\.distributed\..*",
+    ),
 )
 
 

@@ -9,9 +9,17 @@ import torch
 from tests.conftest import REPO
 from tests.training.conftest import run_pretrain, train_losses
 
-TINY_MODEL = ("model.preset=danube-tiny", "model.spec=local", "train.device=cpu",
-              "precision.params_dtype=float32", "checkpoint.async_save=false",
-              "logging.eval_interval=0", "logging.log_interval=1")
+pytestmark = pytest.mark.slow  # launches training processes
+
+TINY_MODEL = (
+    "model.preset=danube-tiny",
+    "model.spec=local",
+    "train.device=cpu",
+    "precision.params_dtype=float32",
+    "checkpoint.async_save=false",
+    "logging.eval_interval=0",
+    "logging.log_interval=1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,33 +38,60 @@ def _run_example_config(config, tmp_path, corpus, *extra):
 
     stages = load_config(config, ["data.blend=[x]"]).stages
     scaled = [f"stages.{i}.seq_length={s.seq_length // 32}" for i, s in enumerate(stages)]
-    run_pretrain(run_dir, [corpus, corpus], *TINY_MODEL, f"data.blend=[{corpus}]",
-                 "data.tokenizer=mistral-v1", *scaled, "train.global_batch_tokens=1024",
-                 "train.train_tokens=2048", "optim.warmup_tokens=1024", *extra, nproc=1,
-                 config=config)
+    run_pretrain(
+        run_dir,
+        [corpus, corpus],
+        *TINY_MODEL,
+        f"data.blend=[{corpus}]",
+        "data.tokenizer=mistral-v1",
+        *scaled,
+        "train.global_batch_tokens=1024",
+        "train.train_tokens=2048",
+        "optim.warmup_tokens=1024",
+        *extra,
+        nproc=1,
+        config=config,
+    )
     return run_dir
 
 
 def test_example_danube_1_8b_config_at_tiny_scale(tmp_path, corpus):
-    run_dir = _run_example_config("examples/configs/danube-1.8b.yaml", tmp_path, corpus,
-                                  "stages.1.blend=null", "stages.2.blend=null", "stages.3.blend=null")
+    run_dir = _run_example_config(
+        "examples/configs/danube-1.8b.yaml",
+        tmp_path,
+        corpus,
+        "stages.1.blend=null",
+        "stages.2.blend=null",
+        "stages.3.blend=null",
+    )
     assert len(train_losses(run_dir)) == 2
 
 
 def test_example_danube2_config_at_tiny_scale(tmp_path, corpus):
-    run_dir = _run_example_config("examples/configs/danube2-1.8b.yaml", tmp_path, corpus,
-                                  "checkpoint.load=null", "stages.1.blend=null",
-                                  "stages.2.blend=null")
+    run_dir = _run_example_config(
+        "examples/configs/danube2-1.8b.yaml",
+        tmp_path,
+        corpus,
+        "checkpoint.load=null",
+        "stages.1.blend=null",
+        "stages.2.blend=null",
+    )
     assert len(train_losses(run_dir)) == 2
 
 
 def test_example_tiny_cpu_demo_config_is_the_readme_default(tmp_path, corpus):
     """The README's first command, shortened to 8 steps (the full run is the demo itself)."""
     run_dir = tmp_path / "demo"
-    run_pretrain(run_dir, [corpus, corpus], f"data.blend=[{corpus}]",
-                 f"data.demo_corpus_prefix={corpus}", "train.train_tokens=8192",
-                 "optim.warmup_tokens=1024", "logging.log_interval=1",
-                 config="examples/configs/danube-tiny-cpu.yaml")
+    run_pretrain(
+        run_dir,
+        [corpus, corpus],
+        f"data.blend=[{corpus}]",
+        f"data.demo_corpus_prefix={corpus}",
+        "train.train_tokens=8192",
+        "optim.warmup_tokens=1024",
+        "logging.log_interval=1",
+        config="examples/configs/danube-tiny-cpu.yaml",
+    )
     assert len(train_losses(run_dir)) == 8
 
 
@@ -66,8 +101,11 @@ def test_examples_continue_from_hf_then_convert_to_hf(tmp_path, corpus):
     from megatron_danube.models.hf_adapter import hf_config_dict
     from megatron_danube.models.presets import get_preset
 
-    cfg = {k: v for k, v in hf_config_dict(get_preset("danube-tiny"), "float32").items()
-           if k not in ("architectures", "model_type", "torch_dtype")}
+    cfg = {
+        k: v
+        for k, v in hf_config_dict(get_preset("danube-tiny"), "float32").items()
+        if k not in ("architectures", "model_type", "torch_dtype")
+    }
     torch.manual_seed(0)
     hf_dir = tmp_path / "released-hf"
     released = MistralForCausalLM(MistralConfig(**cfg))
@@ -77,16 +115,42 @@ def test_examples_continue_from_hf_then_convert_to_hf(tmp_path, corpus):
     env = dict(os.environ, PYTHONPATH=REPO, NPROC="2", MCORE_DIR=str(tmp_path / "mcore"))
     run_dir = tmp_path / "continued"
     proc = subprocess.run(
-        ["bash", "examples/continue_from_hf.sh", str(hf_dir), "examples/configs/danube-tiny-cpu.yaml",
-         f"run_dir={run_dir}", f"data.blend=[{corpus}]", "data.demo_corpus_prefix=null",
-         "train.train_tokens=4096", "optim.warmup_tokens=1024", "logging.log_interval=1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            "bash",
+            "examples/continue_from_hf.sh",
+            str(hf_dir),
+            "examples/configs/danube-tiny-cpu.yaml",
+            f"run_dir={run_dir}",
+            f"data.blend=[{corpus}]",
+            "data.demo_corpus_prefix=null",
+            "train.train_tokens=4096",
+            "optim.warmup_tokens=1024",
+            "logging.log_interval=1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "iteration 0" in proc.stdout
     first_loss = train_losses(run_dir)[1]
     assert first_loss > 12.0  # a fresh init gives ~ln(32000) = 10.4; the loaded weights far more
     proc = subprocess.run(
-        ["bash", "examples/convert_to_hf.sh", str(run_dir), str(tmp_path / "hf-out"),
-         "--dtype", "float32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            "bash",
+            "examples/convert_to_hf.sh",
+            str(run_dir),
+            str(tmp_path / "hf-out"),
+            "--dtype",
+            "float32",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "top1_agreement: 1" in proc.stdout

@@ -11,11 +11,10 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
-from megatron_danube.cli.common import report
 
+from megatron_danube.cli.common import report
 
 
 def make_corpus(path: str, megabytes: float, seed: int = 0) -> int:
@@ -71,20 +70,35 @@ def main(argv=None):
         base_s = time.perf_counter() - t
 
         t = time.perf_counter()
-        rc = preprocess(["--input", src, "--output-prefix", os.path.join(tmp, "tool"),
-                         "--tokenizer-model", args.tokenizer_model, "--workers",
-                         str(args.workers), "--append-eod", "--no-progress"])
+        rc = preprocess(
+            [
+                "--input",
+                src,
+                "--output-prefix",
+                os.path.join(tmp, "tool"),
+                "--tokenizer-model",
+                args.tokenizer_model,
+                "--workers",
+                str(args.workers),
+                "--append-eod",
+                "--no-progress",
+            ]
+        )
         tool_s = time.perf_counter() - t
         assert rc == 0
         tool_bin = os.path.getsize(os.path.join(tmp, "tool_text_document.bin"))
         assert tool_bin == os.path.getsize(os.path.join(tmp, "baseline.bin")), "outputs differ"
 
-    rows = [("baseline: encode per line + IndexedDatasetBuilder (1 process)", base_s),
-            (f"preprocess_data.py --workers {args.workers}", tool_s)]
+    rows = [
+        ("baseline: encode per line + IndexedDatasetBuilder (1 process)", base_s),
+        (f"preprocess_data.py --workers {args.workers}", tool_s),
+    ]
     report("\n| what | seconds | tokens/s | MB/s | ratio |\n| --- | --- | --- | --- | --- |")
     for name, s in rows:
-        report(f"| {name} | {s:.1f} | {base_tokens / s:,.0f} | {size / 1e6 / s:.1f} | "
-              f"{base_s / s:.2f}x |")
+        report(
+            f"| {name} | {s:.1f} | {base_tokens / s:,.0f} | {size / 1e6 / s:.1f} | "
+            f"{base_s / s:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ the same run, peak memory, ratio to the baseline.
 import argparse
 import gc
 import os
-import sys
 import time
 
-
 import torch  # noqa: E402
+
 from megatron_danube.cli.common import report
 
 
@@ -64,32 +63,49 @@ def time_steps(step, warmup: int, steps: int) -> float:
 
 def plugin_runner(model_cfg, params_dtype: str):
     """Build the plugin's model, DDP and distributed optimizer once; return (step_fn, cleanup)."""
+    from megatron_danube.config import OptimSection, ParallelLayout, PrecisionConfig
     from megatron_danube.models.builder import build_model_chunks
-    from megatron_danube.config import PrecisionConfig
     from megatron_danube.models.config_builder import build_transformer_config
     from megatron_danube.runtime.distributed import initialize
-    from megatron_danube.config import OptimSection, ParallelLayout
     from megatron_danube.training.optim import make_optimizer
     from megatron_danube.training.step import train_step, wrap_with_ddp
 
     layout = ParallelLayout()
     rt = initialize(model_cfg, layout, spec="auto")
-    config = build_transformer_config(model_cfg, layout, spec=rt.spec, device_type=rt.device.type,
-                                      precision=PrecisionConfig(params_dtype=params_dtype))
-    chunks = wrap_with_ddp(build_model_chunks(model_cfg, config, rt.spec, rt.device), config,
-                           use_distributed_optimizer=True)
+    config = build_transformer_config(
+        model_cfg,
+        layout,
+        spec=rt.spec,
+        device_type=rt.device.type,
+        precision=PrecisionConfig(params_dtype=params_dtype),
+    )
+    chunks = wrap_with_ddp(
+        build_model_chunks(model_cfg, config, rt.spec, rt.device),
+        config,
+        use_distributed_optimizer=True,
+    )
     optimizer = make_optimizer(OptimSection(lr=1e-4), chunks, config)
 
     def make_step(seq: int, mbs: int):
         g = torch.Generator(device="cpu").manual_seed(seq)
         tokens = torch.randint(0, model_cfg.vocab_size, (mbs, seq + 1), generator=g).to(rt.device)
-        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                 "loss_mask": torch.ones(mbs, seq, device=rt.device),
-                 "position_ids": torch.arange(seq, device=rt.device).expand(mbs, seq)}
+        batch = {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": torch.ones(mbs, seq, device=rt.device),
+            "position_ids": torch.arange(seq, device=rt.device).expand(mbs, seq),
+        }
 
         def step():
-            train_step(chunks, optimizer, [iter([batch])], num_microbatches=1, seq_length=seq,
-                       micro_batch_size=mbs)
+            train_step(
+                chunks,
+                optimizer,
+                [iter([batch])],
+                num_microbatches=1,
+                seq_length=seq,
+                micro_batch_size=mbs,
+            )
+
         return step
 
     return rt, make_step, (chunks, optimizer)
@@ -100,13 +116,21 @@ def hf_runner(model_cfg, device, compiled: bool, autocast_dtype):
 
     from megatron_danube.models.hf_adapter import hf_config_dict
 
-    cfg = {k: v for k, v in hf_config_dict(model_cfg, "float32").items()
-           if k not in ("architectures", "model_type", "torch_dtype")}
+    cfg = {
+        k: v
+        for k, v in hf_config_dict(model_cfg, "float32").items()
+        if k not in ("architectures", "model_type", "torch_dtype")
+    }
     hf_config = MistralConfig(**cfg)
     hf_config._attn_implementation = "sdpa"
     model = MistralForCausalLM(hf_config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=1e-4,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        fused=device.type == "cuda",
+    )
     forward = torch.compile(model) if compiled else model
 
     def make_step(seq: int, mbs: int):
@@ -114,12 +138,15 @@ def hf_runner(model_cfg, device, compiled: bool, autocast_dtype):
         tokens = torch.randint(0, model_cfg.vocab_size, (mbs, seq + 1), generator=g).to(device)
 
         def step():
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
                 loss = forward(input_ids=tokens[:, :-1], labels=tokens[:, 1:]).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
         return step
 
     return make_step, (model, optimizer, forward)
@@ -170,26 +197,32 @@ def main(argv=None):
         measure(f"megatron_danube ({rt.spec} spec)", plugin_step, seq, mb)
     del keep, plugin_step
     for variant in args.baselines.split(","):
-        make_step, keep = hf_runner(model_cfg, device, variant == "compile",
-                                    torch.bfloat16 if on_gpu else None)
+        make_step, keep = hf_runner(
+            model_cfg, device, variant == "compile", torch.bfloat16 if on_gpu else None
+        )
         for seq, mb in zip(seqs, mbs):
             measure(f"HF MistralForCausalLM sdpa ({variant})", make_step, seq, mb)
         del keep, make_step
 
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores)"
-    report(f"\n{model_cfg.name} on {device_name}, torch {torch.__version__}; "
-          f"matmul peak measured {peak:.1f} TFLOP/s ({'bf16 8192^3' if on_gpu else 'fp32 1024^3'})")
+    report(
+        f"\n{model_cfg.name} on {device_name}, torch {torch.__version__}; "
+        f"matmul peak measured {peak:.1f} TFLOP/s ({'bf16 8192^3' if on_gpu else 'fp32 1024^3'})"
+    )
     report("| what | seq | micro-batch | tokens/s | TFLOP/s | MFU | peak GiB | vs best HF |")
     report("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, seq, mb, tokens, tflops, mfu, mem in rows:
         if tokens is None:
             report(f"| {name} | {seq} | {mb} | {mem} | | | | |")
             continue
-        hf_best = max((r[3] for r in rows if r[1] == seq and r[0].startswith("HF") and r[3]),
-                      default=None)
+        hf_best = max(
+            (r[3] for r in rows if r[1] == seq and r[0].startswith("HF") and r[3]), default=None
+        )
         ratio = f"{tokens / hf_best:.2f}x" if hf_best else "-"
-        report(f"| {name} | {seq} | {mb} | {tokens:,.0f} | {tflops:.2f} | {mfu:.1%} | "
-              f"{mem:.1f} | {ratio} |")
+        report(
+            f"| {name} | {seq} | {mb} | {tokens:,.0f} | {tflops:.2f} | {mfu:.1%} | "
+            f"{mem:.1f} | {ratio} |"
+        )
     return rows
 
 

@@ -30,7 +30,7 @@ def missing_extra_message(exc: ModuleNotFoundError) -> Optional[str]:
     extra = EXTRAS.get(top)
     if extra is None:
         return None
-    return f"this needs the {top} package, which is not installed; pip install -e \".[{extra}]\""
+    return f'this needs the {top} package, which is not installed; pip install -e ".[{extra}]"'
 
 
 def run_command(

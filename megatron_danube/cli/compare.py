@@ -25,7 +25,9 @@ def run(args) -> int:
     ids = encode_prompts(tokenizer, args.prompt or DEFAULT_PROMPTS)
     result = compare(args.hf, args.mcore, ids, args.model_preset)
     for key, value in result.items():  # the command's result, on stdout
-        sys.stdout.write(f"{key}: {value:.6g}\n" if isinstance(value, float) else f"{key}: {value}\n")
+        sys.stdout.write(
+            f"{key}: {value:.6g}\n" if isinstance(value, float) else f"{key}: {value}\n"
+        )
     return 0
 
 

@@ -22,10 +22,17 @@ def add_arguments(p) -> None:
     p.add_argument("--to", required=True, choices=["hf", "mcore"])
     p.add_argument("--load", required=True, help="megatron run/checkpoint dir, or HF model dir")
     p.add_argument("--save", required=True, help="output directory (new or empty)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="--to hf: default bfloat16; --to mcore: default the HF weights' dtype")
-    p.add_argument("--model-preset", default=None,
-                   help="--to hf: the model preset, for checkpoints that do not record it")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="--to hf: default bfloat16; --to mcore: default the HF weights' dtype",
+    )
+    p.add_argument(
+        "--model-preset",
+        default=None,
+        help="--to hf: the model preset, for checkpoints that do not record it",
+    )
 
 
 def convert(args) -> int:

@@ -1,13 +1,12 @@
 """Describe a Megatron indexed dataset: counts, a length histogram, the first documents decoded.
 
-    python tools/inspect_dataset.py PREFIX [--tokenizer-model mistral-v1] [--show 3]
+python tools/inspect_dataset.py PREFIX [--tokenizer-model mistral-v1] [--show 3]
 """
 
 import argparse
-import os
 import sys
-from megatron_danube.cli.common import fail, report
 
+from megatron_danube.cli.common import fail, report
 
 
 def main(argv=None) -> int:
@@ -24,24 +23,33 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if not dataset_exists(args.prefix):
-            raise DanubeConfigError(f"{args.prefix}.bin/.idx not found (give the prefix, no extension)")
+            raise DanubeConfigError(
+                f"{args.prefix}.bin/.idx not found (give the prefix, no extension)"
+            )
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         try:
             ds = IndexedDataset(args.prefix)
         except Exception as exc:
-            raise DanubeConfigError(f"{args.prefix} is not a readable indexed dataset: {exc}")
+            raise DanubeConfigError(
+                f"{args.prefix} is not a readable indexed dataset: {exc}"
+            ) from None
         doc_idx = ds.document_indices
         seq_lens = ds.sequence_lengths.astype(np.int64)
         cum = np.concatenate([[0], np.cumsum(seq_lens)])
         doc_lens = cum[doc_idx[1:]] - cum[doc_idx[:-1]]
-        report(f"{args.prefix}: {len(doc_lens):,} documents, {len(seq_lens):,} sequences, "
-              f"{int(seq_lens.sum()):,} tokens, dtype {np.dtype(ds.index.dtype).name}")
+        report(
+            f"{args.prefix}: {len(doc_lens):,} documents, {len(seq_lens):,} sequences, "
+            f"{int(seq_lens.sum()):,} tokens, dtype {np.dtype(ds.index.dtype).name}"
+        )
         if len(doc_lens):
-            report(f"document length: min {doc_lens.min()}, median {int(np.median(doc_lens))}, "
-                  f"mean {doc_lens.mean():.1f}, max {doc_lens.max()}")
-            edges = np.unique(np.geomspace(max(1, doc_lens.min()), doc_lens.max() + 1,
-                                           args.bins + 1).astype(int))
+            report(
+                f"document length: min {doc_lens.min()}, median {int(np.median(doc_lens))}, "
+                f"mean {doc_lens.mean():.1f}, max {doc_lens.max()}"
+            )
+            edges = np.unique(
+                np.geomspace(max(1, doc_lens.min()), doc_lens.max() + 1, args.bins + 1).astype(int)
+            )
             counts, edges = np.histogram(doc_lens, bins=edges)
             width = max(counts.max(), 1)
             for c, lo, hi in zip(counts, edges[:-1], edges[1:]):

@@ -32,7 +32,8 @@ def _forwarding_handler(original):
         workers = psutil.Process().children(recursive=False)
         logger.warning(
             "%s: passing it to %d workers; they save and exit (send it again to stop now)",
-            signal.Signals(signum).name, len(workers),
+            signal.Signals(signum).name,
+            len(workers),
         )
         for worker in workers:
             try:

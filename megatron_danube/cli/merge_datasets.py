@@ -1,13 +1,13 @@
 """Join Megatron indexed datasets (e.g. preprocessing partitions) into one, in the order given.
 
-    python tools/merge_datasets.py --input A_text_document B_text_document --output-prefix C_text_document
+danube-merge-datasets --input A_text_document B_text_document \
+        --output-prefix C_text_document
 """
 
 import argparse
-import os
 import sys
-from megatron_danube.cli.common import fail, report
 
+from megatron_danube.cli.common import fail, report
 
 
 def main(argv=None) -> int:
@@ -29,15 +29,20 @@ def main(argv=None) -> int:
                 raise DanubeConfigError(f"{prefix}.bin/.idx not found; pass dataset prefixes")
             dtypes.add(IndexedDataset(prefix).index.dtype)
         if len(dtypes) > 1:
-            raise DanubeConfigError(f"inputs have different token dtypes "
-                                    f"{sorted(np.dtype(d).name for d in dtypes)}; "
-                                    f"they were made with different tokenizers")
-        with IndexedWriter(args.output_prefix, dtype=dtypes.pop(),
-                           overwrite=args.overwrite) as writer:
+            raise DanubeConfigError(
+                f"inputs have different token dtypes "
+                f"{sorted(np.dtype(d).name for d in dtypes)}; "
+                f"they were made with different tokenizers"
+            )
+        with IndexedWriter(
+            args.output_prefix, dtype=dtypes.pop(), overwrite=args.overwrite
+        ) as writer:
             for prefix in args.input:
                 writer.add_prefix(prefix)
-        report(f"wrote {args.output_prefix}.bin/.idx: {writer.documents:,} documents, "
-              f"{writer.tokens:,} tokens")
+        report(
+            f"wrote {args.output_prefix}.bin/.idx: {writer.documents:,} documents, "
+            f"{writer.tokens:,} tokens"
+        )
     except DanubeConfigError as exc:
         return fail("danube-merge-datasets", str(exc))
     return 0

@@ -170,7 +170,9 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
                 node = node[int(part)]
             continue
         if not isinstance(node, dict):
-            raise DanubeConfigError(f"override {dotted}: {'.'.join(parts[:depth])} is not a section")
+            raise DanubeConfigError(
+                f"override {dotted}: {'.'.join(parts[:depth])} is not a section"
+            )
         if part not in node and not (depth and parts[depth - 1] == "overrides"):
             raise unknown_key(where, node)
         if last:

@@ -28,8 +28,8 @@ def init_single_rank(model_cfg) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_danube.runtime.distributed import initialize
     from megatron_danube.config import ParallelLayout
+    from megatron_danube.runtime.distributed import initialize
 
     if parallel_state.model_parallel_is_initialized() and (
         parallel_state.get_tensor_model_parallel_world_size() == 1
@@ -38,8 +38,15 @@ def init_single_rank(model_cfg) -> None:
         return
     saved = dict(os.environ)
     if not dist.is_initialized():
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
-                    "MASTER_ADDR", "MASTER_PORT"):
+        for var in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "SLURM_PROCID",
+            "SLURM_NTASKS",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ):
             os.environ.pop(var, None)  # a single process: a free local port is picked
     try:
         initialize(model_cfg, ParallelLayout(), spec="local", device="cpu")
@@ -81,7 +88,9 @@ def model_config_of(state: dict, preset: Optional[str] = None):
     if preset:
         return get_preset(preset)
     if "model" not in state:
-        raise DanubeConfigError("the checkpoint does not record its model; pass --model-preset NAME")
+        raise DanubeConfigError(
+            "the checkpoint does not record its model; pass --model-preset NAME"
+        )
     return DanubeModelConfig(**state["model"])
 
 
@@ -96,10 +105,12 @@ def load_megatron_weights(ckpt: str, model_cfg) -> Dict[str, torch.Tensor]:
     try:
         metadata = dist_checkpointing.load_tensors_metadata(ckpt)
     except Exception as exc:
-        raise DanubeConfigError(f"{ckpt}: cannot read checkpoint metadata ({type(exc).__name__})")
+        raise DanubeConfigError(
+            f"{ckpt}: cannot read checkpoint metadata ({type(exc).__name__})"
+        ) from None
     request = {}
     for key, meta in metadata.items():
-        model_key = key[len("module."):] if key.startswith("module.") else key
+        model_key = key[len("module.") :] if key.startswith("module.") else key
         if not model_key.startswith(MODEL_PREFIXES) or not isinstance(meta, ShardedTensor):
             continue  # optimizer state, RNG, TE extra state
         tensor = torch.empty(meta.global_shape, dtype=meta.dtype)
@@ -116,7 +127,7 @@ def load_megatron_weights(ckpt: str, model_cfg) -> Dict[str, torch.Tensor]:
         ) from None
     # `load` also returns the checkpoint's common (non-sharded) state: keep the tensors asked for.
     weights = {
-        k[len("module."):] if k.startswith("module.") else k: v
+        k[len("module.") :] if k.startswith("module.") else k: v
         for k, v in loaded.items()
         if k in request
     }
@@ -128,17 +139,18 @@ def load_megatron_weights(ckpt: str, model_cfg) -> Dict[str, torch.Tensor]:
 
 
 def build_local_model(model_cfg, dtype: torch.dtype):
+    from megatron_danube.config import ParallelLayout, PrecisionConfig
     from megatron_danube.models.builder import build_model_chunks
-    from megatron_danube.config import PrecisionConfig
     from megatron_danube.models.config_builder import build_transformer_config
-    from megatron_danube.config import ParallelLayout
 
     init_single_rank(model_cfg)
     name = {v: k for k, v in DTYPES.items()}[dtype]
     config = build_transformer_config(
-        model_cfg, ParallelLayout(), spec="local", device_type="cpu",
-        precision=PrecisionConfig(params_dtype=name), perform_initialization=False,
+        model_cfg,
+        ParallelLayout(),
+        spec="local",
+        device_type="cpu",
+        precision=PrecisionConfig(params_dtype=name),
+        perform_initialization=False,
     )
     return build_model_chunks(model_cfg, config, "local", torch.device("cpu"))[0]
-
-

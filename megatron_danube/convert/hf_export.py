@@ -41,13 +41,19 @@ def export_tokenizer(spec: Optional[str], tokenizer_type: Optional[str], out_dir
     else:
         from transformers import LlamaTokenizer
 
-        LlamaTokenizer(vocab_file=tok.path, legacy=True, add_bos_token=True,
-                       add_eos_token=False).save_pretrained(out_dir)
+        LlamaTokenizer(
+            vocab_file=tok.path, legacy=True, add_bos_token=True, add_eos_token=False
+        ).save_pretrained(out_dir)
     return True
 
 
-def to_hf(load: str, save: str, dtype: str = "bfloat16", preset: Optional[str] = None,
-          max_shard_bytes: int = 5 * 2**30) -> str:
+def to_hf(
+    load: str,
+    save: str,
+    dtype: str = "bfloat16",
+    preset: Optional[str] = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> str:
     from safetensors.torch import save_file
 
     from megatron_danube.models.hf_adapter import hf_config_dict, iter_mcore_to_hf
@@ -123,5 +129,3 @@ def remove_failed_output(save: str) -> None:
     """Only ever called on a directory this run created empty and half filled."""
     if os.path.isdir(save):
         shutil.rmtree(save, ignore_errors=True)
-
-

@@ -75,7 +75,8 @@ def to_mcore(load: str, save: str, dtype: Optional[str] = None) -> str:
     weights = read_hf_weights(load)
     if dtype is None:  # keep the stored precision
         dtype = {torch.float32: "float32", torch.float16: "float16"}.get(
-            next(iter(weights.values())).dtype, "bfloat16")
+            next(iter(weights.values())).dtype, "bfloat16"
+        )
     if dtype not in DTYPES:
         raise DanubeConfigError(f"--dtype {dtype}: choose one of {sorted(DTYPES)}")
     prepare_output(save)
@@ -105,5 +106,3 @@ def to_mcore(load: str, save: str, dtype: Optional[str] = None) -> str:
         json.dump(state, f, indent=1)
     manifest.write_manifest(save, manifest.describe(save, manifest.list_files(save)))
     return save
-
-

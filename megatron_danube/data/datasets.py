@@ -22,7 +22,9 @@ from megatron_danube.errors import DanubeConfigError
 def parse_blend(blend: List, what: str = "data.blend") -> Tuple[List[str], Optional[List[float]]]:
     """Megatron-LM's `w1 prefix1 w2 prefix2` (or a single prefix) -> (prefixes, weights)."""
     if not blend:
-        raise DanubeConfigError(f"{what} is empty; give [prefix] or [w1, prefix1, w2, prefix2, ...]")
+        raise DanubeConfigError(
+            f"{what} is empty; give [prefix] or [w1, prefix1, w2, prefix2, ...]"
+        )
     if len(blend) == 1:
         return [str(blend[0])], None
     if len(blend) % 2:

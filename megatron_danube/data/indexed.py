@@ -26,8 +26,9 @@ def dataset_exists(prefix: str) -> bool:
 
 
 class IndexedWriter:
-    def __init__(self, prefix: str, vocab_size: Optional[int] = None, overwrite: bool = False,
-                 dtype=None):
+    def __init__(
+        self, prefix: str, vocab_size: Optional[int] = None, overwrite: bool = False, dtype=None
+    ):
         self.prefix = prefix
         if dataset_exists(prefix) and not overwrite:
             raise DanubeConfigError(
@@ -126,9 +127,9 @@ def check_indexed_files(prefix: str) -> None:
         raise DanubeConfigError(f"{idx} is truncated or damaged (size mismatch); {fix}")
     if count:
         mm = np.memmap(idx, dtype=np.uint8, mode="r")
-        last_size = int(np.frombuffer(mm[34 + 4 * (count - 1):34 + 4 * count], dtype="<i4")[0])
+        last_size = int(np.frombuffer(mm[34 + 4 * (count - 1) : 34 + 4 * count], dtype="<i4")[0])
         ptr_at = 34 + 4 * int(count) + 8 * (int(count) - 1)
-        last_ptr = int(np.frombuffer(mm[ptr_at:ptr_at + 8], dtype="<i8")[0])
+        last_ptr = int(np.frombuffer(mm[ptr_at : ptr_at + 8], dtype="<i8")[0])
         needed = last_ptr + last_size * itemsize
         if os.path.getsize(bin_) < needed:
             raise DanubeConfigError(

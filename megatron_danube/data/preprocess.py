@@ -41,20 +41,23 @@ logger = logging.getLogger(__name__)
 _W: Dict[str, object] = {}
 
 
-def _init_worker(tokenizer_spec, tokenizer_type, keys, split_sentences, lang, append_eod,
-                 keep_newlines):
+def _init_worker(
+    tokenizer_spec, tokenizer_type, keys, split_sentences, lang, append_eod, keep_newlines
+):
     _W["tok"] = load_tokenizer(tokenizer_spec, tokenizer_type)
     _W["keys"] = keys
     _W["append_eod"] = append_eod
-    _W["splitter"] = sentence_splitter(lang, keep_newlines=keep_newlines) if split_sentences \
-        else None
+    _W["splitter"] = (
+        sentence_splitter(lang, keep_newlines=keep_newlines) if split_sentences else None
+    )
 
 
 _SPLITTER_WARNED = False
 
 
-def sentence_splitter(lang: str, quiet: bool = True,
-                      keep_newlines: bool = False) -> Callable[[str], List[str]]:
+def sentence_splitter(
+    lang: str, quiet: bool = True, keep_newlines: bool = False
+) -> Callable[[str], List[str]]:
     """nltk punkt for `lang`; without punkt data (no downloads here), nltk's untrained Punkt.
 
     punkt drops the whitespace between sentences. With `keep_newlines` each sentence runs up to
@@ -69,12 +72,10 @@ def sentence_splitter(lang: str, quiet: bool = True,
         tokenizer = punkt.PunktTokenizer(lang)
     except (LookupError, OSError, ValueError):
         if not quiet and not _SPLITTER_WARNED:
-            print(
-                f"preprocess: nltk punkt data for {lang!r} is not installed; using nltk's "
-                f"untrained Punkt sentence splitter (python -m nltk.downloader punkt_tab "
-                f"installs the trained one)",
-                file=sys.stderr,
-                flush=True,
+            logger.warning(
+                "nltk punkt data for %r is not installed; using nltk's untrained Punkt "
+                "sentence splitter (python -m nltk.downloader punkt_tab installs the trained one)",
+                lang,
             )
             _SPLITTER_WARNED = True
         tokenizer = punkt.PunktSentenceTokenizer()
@@ -198,8 +199,9 @@ def process_batch(task):
             encoded.append(ids)
             sentence_lengths.append(lens)
         lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
-        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype,
-                           count=int(lengths.sum()))
+        flat = np.fromiter(
+            itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum())
+        )
         out[key] = (flat, lengths, sentence_lengths if splitter is not None else None)
     return out, bad, kept_empty, nbytes
 
@@ -247,8 +249,15 @@ def _batches(pieces: List[Piece], limit: Optional[int] = None):
             yield piece, len(records), (piece.kind, records)
 
 
-def run_partition(pieces: List[Piece], prefixes: Dict[str, str], args, pool, progress,
-                  vocab_size: int, limit: Optional[int] = None) -> Stats:
+def run_partition(
+    pieces: List[Piece],
+    prefixes: Dict[str, str],
+    args,
+    pool,
+    progress,
+    vocab_size: int,
+    limit: Optional[int] = None,
+) -> Stats:
     """Tokenise `pieces` (their first `limit` records) into one dataset per JSON key, in input
     order."""
     # Partition outputs of a merged run are intermediate: a killed earlier run's may be replaced.
@@ -278,7 +287,8 @@ def run_partition(pieces: List[Piece], prefixes: Dict[str, str], args, pool, pro
                 stats.kept_empty[reason] += 1
                 if len(stats.kept_reported) < MAX_REPORTED:
                     stats.kept_reported.append(
-                        f"{piece.path}:{number}: {reason.replace('_', ' ')} under {key!r}")
+                        f"{piece.path}:{number}: {reason.replace('_', ' ')} under {key!r}"
+                    )
             for key, (flat, lengths, sentence_lengths) in out.items():
                 writers[key].add_batch(flat, lengths, sentence_lengths)
             first = next(iter(out.values()))
@@ -309,8 +319,7 @@ class Progress:
     `log_interval` documents, a log line. Counts run over the whole run: `done` holds the
     partitions already finished, the `stats` passed to `update` the one in progress."""
 
-    def __init__(self, total_bytes: int, enabled: bool, log_interval: Optional[int],
-                 done: Stats):
+    def __init__(self, total_bytes: int, enabled: bool, log_interval: Optional[int], done: Stats):
         self.t0 = time.perf_counter()
         self.bar = None
         self.last = 0.0
@@ -320,8 +329,14 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess",
-                            file=sys.stderr, mininterval=0.5)
+            self.bar = tqdm(
+                total=total_bytes,
+                unit="B",
+                unit_scale=True,
+                desc="preprocess",
+                file=sys.stderr,
+                mininterval=0.5,
+            )
 
     def update(self, stats: Stats) -> None:
         now = time.perf_counter()
@@ -332,15 +347,24 @@ class Progress:
         # Results arrive a batch at a time: one line however many multiples a batch passes.
         if self.interval is not None and documents >= self.next_log:
             self.next_log = (documents // self.interval + 1) * self.interval
-            logger.info("%s documents, %s tokens, %.1f s elapsed (%s docs/s, %.1f MB/s)",
-                        f"{documents:,}", f"{tokens:,}", dt, f"{documents / dt:,.0f}",
-                        nbytes / dt / 1e6)
+            logger.info(
+                "%s documents, %s tokens, %.1f s elapsed (%s docs/s, %.1f MB/s)",
+                f"{documents:,}",
+                f"{tokens:,}",
+                dt,
+                f"{documents / dt:,.0f}",
+                nbytes / dt / 1e6,
+            )
         if self.bar is None or now - self.last < 0.5:
             return
         self.last = now
         self.bar.n = nbytes
-        self.bar.set_postfix(docs_s=f"{documents / dt:,.0f}", tok_s=f"{tokens / dt:,.0f}",
-                             MB_s=f"{nbytes / dt / 1e6:.1f}", refresh=True)
+        self.bar.set_postfix(
+            docs_s=f"{documents / dt:,.0f}",
+            tok_s=f"{tokens / dt:,.0f}",
+            MB_s=f"{nbytes / dt / 1e6:.1f}",
+            refresh=True,
+        )
 
     def close(self):
         if self.bar is not None:
@@ -349,75 +373,127 @@ class Progress:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="preprocess_data.py",
+        prog="danube-preprocess",
         description="Tokenise a corpus into Megatron indexed datasets "
-                    "(PREFIX_KEY_document.bin/.idx)",
+        "(PREFIX_KEY_document.bin/.idx)",
     )
-    g = p.add_argument_group("input")
-    g.add_argument("--input", required=True, nargs="+",
-                   help="JSONL (.jsonl, .gz, .zst), parquet or text files, directories or globs")
+    _add_input_arguments(p.add_argument_group("input"))
+    _add_tokenizer_and_output_arguments(p)
+    _add_runtime_arguments(p.add_argument_group("runtime"))
+    return p
+
+
+def _add_input_arguments(g) -> None:
     g.add_argument(
-        "--json-keys", nargs="+", default=["text"],
+        "--input",
+        required=True,
+        nargs="+",
+        help="JSONL (.jsonl, .gz, .zst), parquet or text files, directories or globs",
+    )
+    g.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
         help="keys to extract, one output each. A value is a string, or a list of strings taken "
-             "as the document's sentences (Megatron-LM's pre-split format; with "
-             "--split-sentences each item is one sentence, without it the items' tokens are "
-             "concatenated into one document). With several keys the outputs stay aligned, "
-             "one document per record in each: a key that is empty or missing gets an empty "
-             "document (one empty item; just the EOD with --append-eod), reported as a warning; "
-             "a record with no text under any key is skipped. (Megatron-LM writes an empty key "
-             "as a document of no items, without EOD, and stops at a missing key.) With one "
-             "key, unlike Megatron-LM, empty records are skipped and reported: there is nothing "
-             "to keep aligned, an empty document has no text to train on, and as an item "
-             "GPTDataset would count and shuffle it like any document (a lone EOD with "
-             "--append-eod)")
-    g.add_argument("--split-sentences", action="store_true",
-                   help="store sentences as items (nltk punkt)")
-    g.add_argument("--keep-newlines", action="store_true",
-                   help="with --split-sentences, keep the newlines (all whitespace) between "
-                        "sentences, each with the sentence before it, as Megatron-LM does; "
-                        "without --split-sentences documents are tokenised whole, newlines "
-                        "included, either way")
+        "as the document's sentences (Megatron-LM's pre-split format; with "
+        "--split-sentences each item is one sentence, without it the items' tokens are "
+        "concatenated into one document). With several keys the outputs stay aligned, "
+        "one document per record in each: a key that is empty or missing gets an empty "
+        "document (one empty item; just the EOD with --append-eod), reported as a warning; "
+        "a record with no text under any key is skipped. (Megatron-LM writes an empty key "
+        "as a document of no items, without EOD, and stops at a missing key.) With one "
+        "key, unlike Megatron-LM, empty records are skipped and reported: there is nothing "
+        "to keep aligned, an empty document has no text to train on, and as an item "
+        "GPTDataset would count and shuffle it like any document (a lone EOD with "
+        "--append-eod)",
+    )
+    g.add_argument(
+        "--split-sentences", action="store_true", help="store sentences as items (nltk punkt)"
+    )
+    g.add_argument(
+        "--keep-newlines",
+        action="store_true",
+        help="with --split-sentences, keep the newlines (all whitespace) between "
+        "sentences, each with the sentence before it, as Megatron-LM does; "
+        "without --split-sentences documents are tokenised whole, newlines "
+        "included, either way",
+    )
     g.add_argument("--lang", default="english", help="punkt language for --split-sentences")
-    g.add_argument("--max-documents", type=int, default=None, metavar="N",
-                   help="read only the first N input records (JSONL/text lines, parquet rows) "
-                        "of the whole input, in order, then stop; bad records, blank lines "
-                        "included, count as read and are skipped, so fewer than N documents may "
-                        "be written. Default: all. Not with --partition-index")
+    g.add_argument(
+        "--max-documents",
+        type=int,
+        default=None,
+        metavar="N",
+        help="read only the first N input records (JSONL/text lines, parquet rows) "
+        "of the whole input, in order, then stop; bad records, blank lines "
+        "included, count as read and are skipped, so fewer than N documents may "
+        "be written. Default: all. Not with --partition-index",
+    )
+
+
+def _add_tokenizer_and_output_arguments(p) -> None:
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-model", required=True,
-                   help="SentencePiece .model, HF tokenizer directory, or mistral-v1")
-    g.add_argument("--tokenizer-type", default=None,
-                   help="SentencePieceTokenizer or HuggingFaceTokenizer (default: inferred)")
-    g.add_argument("--append-eod", action="store_true",
-                   help="append the EOS token to each document")
+    g.add_argument(
+        "--tokenizer-model",
+        required=True,
+        help="SentencePiece .model, HF tokenizer directory, or mistral-v1",
+    )
+    g.add_argument(
+        "--tokenizer-type",
+        default=None,
+        help="SentencePieceTokenizer or HuggingFaceTokenizer (default: inferred)",
+    )
+    g.add_argument(
+        "--append-eod", action="store_true", help="append the EOS token to each document"
+    )
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_KEY_document.bin/.idx")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)),
-                   help="tokeniser processes")
-    g.add_argument("--partitions", type=int, default=1,
-                   help="split the input into K parts (files or line ranges) processed one by "
-                        "one")
-    g.add_argument("--partition-index", type=int, default=None,
-                   help="process only this partition (SLURM arrays: $SLURM_ARRAY_TASK_ID); "
-                        "no merge")
-    g.add_argument("--keep-partitions", action="store_true",
-                   help="keep per-partition outputs after merging")
-    g.add_argument("--keep-sequential-samples", action="store_true",
-                   help="accepted for Megatron-LM compatibility: output is always in input order, "
-                        "since partitions are consecutive runs of the input merged in order "
-                        "(Megatron-LM deals lines round-robin to partitions without this flag)")
-    g.add_argument("--strict", action="store_true",
-                   help="stop at the first record that would be skipped (an empty key kept as an "
-                        "empty document beside other keys is a warning, not an error)")
+
+
+def _add_runtime_arguments(g) -> None:
+    g.add_argument(
+        "--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="tokeniser processes"
+    )
+    g.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="split the input into K parts (files or line ranges) processed one by one",
+    )
+    g.add_argument(
+        "--partition-index",
+        type=int,
+        default=None,
+        help="process only this partition (SLURM arrays: $SLURM_ARRAY_TASK_ID); no merge",
+    )
+    g.add_argument(
+        "--keep-partitions", action="store_true", help="keep per-partition outputs after merging"
+    )
+    g.add_argument(
+        "--keep-sequential-samples",
+        action="store_true",
+        help="accepted for Megatron-LM compatibility: output is always in input order, "
+        "since partitions are consecutive runs of the input merged in order "
+        "(Megatron-LM deals lines round-robin to partitions without this flag)",
+    )
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first record that would be skipped (an empty key kept as an "
+        "empty document beside other keys is a warning, not an error)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--log-interval", type=int, default=None, metavar="N",
-                   help="log documents written, tokens, elapsed time, docs/s and MB/s to stderr "
-                        f"each time the document count passes a multiple of N (checked per "
-                        f"batch of {BATCH_LINES} records). Default: off; the progress bar shows "
-                        f"the same on a terminal (Megatron-LM's default is 1000)")
-    return p
+    g.add_argument(
+        "--log-interval",
+        type=int,
+        default=None,
+        metavar="N",
+        help="log documents written, tokens, elapsed time, docs/s and MB/s to stderr "
+        f"each time the document count passes a multiple of N (checked per "
+        f"batch of {BATCH_LINES} records). Default: off; the progress bar shows "
+        f"the same on a terminal (Megatron-LM's default is 1000)",
+    )
 
 
 def output_prefix(base: str, key: str, level: str, partition: Optional[int] = None) -> str:
@@ -434,15 +510,22 @@ def main(argv=None) -> int:
     try:
         return _main(args)
     except DanubeConfigError as exc:
-        print(f"preprocess_data.py: error: {exc}", file=sys.stderr, flush=True)
+        _say(f"danube-preprocess: error: {exc}")
+        return 2
+    except ModuleNotFoundError as exc:
+        from megatron_danube.cli.common import missing_extra_message
+
+        if missing_extra_message(exc) is None:
+            raise
+        _say(f"danube-preprocess: error: {missing_extra_message(exc)}")
         return 2
     except KeyboardInterrupt:
-        print("preprocess_data.py: interrupted; no output was written", file=sys.stderr)
+        _say("danube-preprocess: interrupted; no output was written")
         return 130
 
 
-def _main(args) -> int:
-    # Everything cheap is checked before any work starts.
+def _check_args(args):
+    """Everything cheap, before any work starts: (tokenizer, files, level, final prefixes)."""
     if args.workers < 1:
         raise DanubeConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.partitions < 1:
@@ -470,25 +553,46 @@ def _main(args) -> int:
     if args.partition_index is None and not args.overwrite:
         for prefix in finals.values():
             if dataset_exists(prefix):
-                raise DanubeConfigError(f"{prefix}.bin/.idx already exist; pass --overwrite or "
-                                        f"choose another --output-prefix")
+                raise DanubeConfigError(
+                    f"{prefix}.bin/.idx already exist; pass --overwrite or "
+                    f"choose another --output-prefix"
+                )
     if args.split_sentences:
         sentence_splitter(args.lang, quiet=False)
+    return tok, files, level, finals
 
+
+def _start_workers(args):
+    """A pool of tokenising workers, or None where this process tokenises itself."""
+    init = (
+        args.tokenizer_model,
+        args.tokenizer_type,
+        args.json_keys,
+        args.split_sentences,
+        args.lang,
+        args.append_eod,
+        args.keep_newlines,
+    )
+    if args.workers > 1:
+        return mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+            args.workers, initializer=_init_worker, initargs=init
+        )
+    _init_worker(*init)
+    return None
+
+
+def _main(args) -> int:
+    tok, files, level, finals = _check_args(args)
     partitions = make_partitions(files, args.partitions)
     todo = range(args.partitions) if args.partition_index is None else [args.partition_index]
-    total_bytes = sum(os.path.getsize(f) for f in files)
     totals = Stats()
-    progress = Progress(total_bytes, enabled=not args.no_progress and sys.stderr.isatty(),
-                        log_interval=args.log_interval, done=totals)
-    init = (args.tokenizer_model, args.tokenizer_type, args.json_keys, args.split_sentences,
-            args.lang, args.append_eod, args.keep_newlines)
-    pool = None
-    if args.workers > 1:
-        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            args.workers, initializer=_init_worker, initargs=init)
-    else:
-        _init_worker(*init)
+    progress = Progress(
+        sum(os.path.getsize(f) for f in files),
+        enabled=not args.no_progress and sys.stderr.isatty(),
+        log_interval=args.log_interval,
+        done=totals,
+    )
+    pool = _start_workers(args)
     t0 = time.perf_counter()
     done = []
     try:
@@ -498,14 +602,15 @@ def _main(args) -> int:
             limit = None if args.max_documents is None else args.max_documents - totals.records
             if limit == 0:
                 break
-            pieces = partitions[index]
-            if args.partitions == 1:
-                prefixes = finals
-            else:
-                prefixes = {k: output_prefix(args.output_prefix, k, level, index)
-                            for k in args.json_keys}
-            totals.add(run_partition(pieces, prefixes, args, pool, progress, tok.vocab_size,
-                                     limit))
+            prefixes = finals
+            if args.partitions > 1:
+                prefixes = {
+                    k: output_prefix(args.output_prefix, k, level, index) for k in args.json_keys
+                }
+            run = run_partition(
+                partitions[index], prefixes, args, pool, progress, tok.vocab_size, limit
+            )
+            totals.add(run)
             done.append(index)
     finally:
         progress.close()
@@ -513,31 +618,44 @@ def _main(args) -> int:
             pool.terminate()
     if args.partitions > 1 and args.partition_index is None:
         merge_partitions(args, finals, level, tok.vocab_size, done)
-    dt = time.perf_counter() - t0
+    _summarize(args, totals, time.perf_counter() - t0, finals)
+    return 0
+
+
+def _say(line: str) -> None:
+    """The tool's summary: its result, on stderr as Megatron-LM's tool writes it."""
+    sys.stderr.write(line + "\n")
+
+
+def _summarize(args, totals, dt: float, finals) -> None:
     if args.max_documents is not None and totals.records == args.max_documents:
-        logger.info("stopped after the first %s input records (--max-documents)",
-                    f"{totals.records:,}")
-    print(f"preprocess: {totals.documents:,} documents, {totals.tokens:,} tokens, "
-          f"{totals.bytes / 1e6:.1f} MB in {dt:.1f} s "
-          f"({totals.tokens / max(dt, 1e-9):,.0f} tokens/s, {args.workers} workers)",
-          file=sys.stderr)
+        logger.info(
+            "stopped after the first %s input records (--max-documents)", f"{totals.records:,}"
+        )
+    _say(
+        f"preprocess: {totals.documents:,} documents, {totals.tokens:,} tokens, "
+        f"{totals.bytes / 1e6:.1f} MB in {dt:.1f} s "
+        f"({totals.tokens / max(dt, 1e-9):,.0f} tokens/s, {args.workers} workers)"
+    )
     if totals.bad:
         summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(totals.bad.items()))
-        print(f"preprocess: skipped {sum(totals.bad.values())} bad records ({summary}); first:",
-              file=sys.stderr)
+        _say(f"preprocess: skipped {sum(totals.bad.values())} bad records ({summary}); first:")
         for line in totals.reported:
-            print(f"  {line}", file=sys.stderr)
+            _say(f"  {line}")
     if totals.kept_empty:
-        summary = ", ".join(f"{n} {k.replace('_', ' ')}"
-                            for k, n in sorted(totals.kept_empty.items()))
-        logger.warning("kept %d records whose key was empty or missing as an empty document in "
-                       "that key's output, so that all outputs stay aligned (%s); first:\n%s",
-                       sum(totals.kept_empty.values()), summary,
-                       "\n".join(f"  {line}" for line in totals.kept_reported))
+        summary = ", ".join(
+            f"{n} {k.replace('_', ' ')}" for k, n in sorted(totals.kept_empty.items())
+        )
+        logger.warning(
+            "kept %d records whose key was empty or missing as an empty document in "
+            "that key's output, so that all outputs stay aligned (%s); first:\n%s",
+            sum(totals.kept_empty.values()),
+            summary,
+            "\n".join(f"  {line}" for line in totals.kept_reported),
+        )
     if args.partition_index is None:
         for prefix in finals.values():
-            print(f"wrote {prefix}.bin/.idx")
-    return 0
+            _say(f"wrote {prefix}.bin/.idx")
 
 
 def merge_partitions(args, finals, level, vocab_size, indices: List[int]) -> None:

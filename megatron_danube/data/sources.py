@@ -56,11 +56,14 @@ def expand_inputs(inputs: List[str]) -> List[str]:
                 os.path.join(root, f)
                 for root, _, names in os.walk(item)
                 for f in names
-                if f.lower().endswith(tuple(s + c for s in LINE_SUFFIXES + (".parquet",)
-                                            for c in ("",) + COMPRESSED))
+                if f.lower().endswith(
+                    tuple(s + c for s in LINE_SUFFIXES + (".parquet",) for c in ("",) + COMPRESSED)
+                )
             )
             if not found:
-                raise DanubeConfigError(f"--input {item}: directory has no .jsonl/.txt/.parquet files")
+                raise DanubeConfigError(
+                    f"--input {item}: directory has no .jsonl/.txt/.parquet files"
+                )
             files += found
         elif any(ch in item for ch in "*?["):
             found = sorted(glob.glob(item, recursive=True))
@@ -85,7 +88,9 @@ def expand_inputs(inputs: List[str]) -> List[str]:
             try:
                 import pyarrow  # noqa: F401  (availability check)
             except ImportError:
-                raise DanubeConfigError(f"--input {f}: parquet needs pyarrow; pip install pyarrow")
+                raise DanubeConfigError(
+                    f'--input {f}: parquet needs pyarrow; pip install -e ".[data]"'
+                ) from None
     return files
 
 

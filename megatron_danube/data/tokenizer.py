@@ -113,7 +113,9 @@ def resolve_tokenizer_path(spec: str) -> str:
 def load_tokenizer(spec: str, tokenizer_type: Optional[str] = None):
     """`tokenizer_type`: None (infer), 'sentencepiece' or 'huggingface' (Megatron-LM names too)."""
     if not spec:
-        raise DanubeConfigError("no tokenizer given; pass a .model file, an HF directory or mistral-v1")
+        raise DanubeConfigError(
+            "no tokenizer given; pass a .model file, an HF directory or mistral-v1"
+        )
     path = resolve_tokenizer_path(spec)
     if not os.path.exists(path):
         raise DanubeConfigError(

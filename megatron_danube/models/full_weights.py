@@ -1,9 +1,9 @@
 """Move whole (TP=1, PP=1) weights in and out of this rank's sharded model chunks.
 
-Names are the full model's `named_parameters()` names, e.g. `decoder.layers.17.mlp.linear_fc1.weight`
-(global layer index). Megatron's tensor-parallel parameters carry `partition_dim`; the fused
-SwiGLU `linear_fc1` holds [gate; up] and is split per half, so each TP rank owns
-[gate_r; up_r], the layout megatron's own checkpoints use.
+Names are the full model's `named_parameters()` names, e.g.
+`decoder.layers.17.mlp.linear_fc1.weight` (global layer index). Megatron's tensor-parallel
+parameters carry `partition_dim`; the fused SwiGLU `linear_fc1` holds [gate; up] and is split
+per half, so each TP rank owns [gate_r; up_r], the layout megatron's own checkpoints use.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def load_full_weights(chunks: List[torch.nn.Module], full: Dict[str, torch.Tenso
                 raise KeyError(f"full weights have no tensor {name!r}")
             src = shard_for_this_rank(name, full[name], param, gated)
             if src.shape != param.shape:
-                raise ValueError(f"{name}: slice {tuple(src.shape)} != parameter {tuple(param.shape)}")
+                raise ValueError(
+                    f"{name}: slice {tuple(src.shape)} != parameter {tuple(param.shape)}"
+                )
             with torch.no_grad():
                 param.copy_(src)
 

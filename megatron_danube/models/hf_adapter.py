@@ -73,7 +73,7 @@ def _expand(model: DanubeModelConfig):
     for m in MAPPINGS:
         layers = range(model.num_layers) if "{i}" in m.mcore else [None]
         for i in layers:
-            fill = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
+            fill = (lambda s, i=i: s.format(i=i)) if i is not None else (lambda s: s)
             yield m, fill(m.mcore), tuple(fill(h) for h in m.hf), tuple(fill(a) for a in m.aliases)
 
 
@@ -141,7 +141,9 @@ def _lookup(sd: Dict[str, torch.Tensor], name: str, aliases: Tuple[str, ...], wh
     raise DanubeConfigError(f"{where} has no tensor {name!r}; is it a checkpoint of this model?")
 
 
-def to_local_names(sd: Dict[str, torch.Tensor], model: DanubeModelConfig) -> Dict[str, torch.Tensor]:
+def to_local_names(
+    sd: Dict[str, torch.Tensor], model: DanubeModelConfig
+) -> Dict[str, torch.Tensor]:
     """Rename tensors stored under the TE spelling (the checkpoint form) to the local spec's."""
     for _, name, _, aliases in _expand(model):
         for alias in aliases:
@@ -152,12 +154,16 @@ def to_local_names(sd: Dict[str, torch.Tensor], model: DanubeModelConfig) -> Dic
 
 def hf_to_mcore(hf: Dict[str, torch.Tensor], model: DanubeModelConfig) -> Dict[str, torch.Tensor]:
     """HF state dict -> full megatron state dict (local-spec names). Consumes `hf`."""
-    expected_rows = {"q": model.num_attention_heads, "k": model.num_query_groups,
-                     "v": model.num_query_groups}
+    expected_rows = {
+        "q": model.num_attention_heads,
+        "k": model.num_query_groups,
+        "v": model.num_query_groups,
+    }
     for key, tensor in hf.items():
         for proj, heads in expected_rows.items():
             if key.endswith(f"self_attn.{proj}_proj.weight") and tensor.shape != (
-                heads * model.head_dim, model.hidden_size
+                heads * model.head_dim,
+                model.hidden_size,
             ):
                 raise DanubeConfigError(
                     f"the HF checkpoint's {key} has shape {tuple(tensor.shape)}, but config.json "
@@ -223,7 +229,7 @@ def unstack_layers(stacked: Dict[str, torch.Tensor], num_layers: int) -> Dict[st
                 raise DanubeConfigError(
                     f"checkpoint tensor {key} has {tensor.shape[0]} layers, model has {num_layers}"
                 )
-            rest = key[len(_STACKED):]
+            rest = key[len(_STACKED) :]
             for i, layer in enumerate(tensor.unbind(0)):
                 out[f"{_STACKED}{i}.{rest}"] = layer
         else:

@@ -47,7 +47,9 @@ def resolve_spec(requested: str, device_type: str) -> str:
                 "pip install 'megatron_danube[te]' or set model.spec=local"
             )
         if device_type != "cuda":
-            raise DanubeConfigError("model.spec=te needs a CUDA GPU; on the CPU use model.spec=local")
+            raise DanubeConfigError(
+                "model.spec=te needs a CUDA GPU; on the CPU use model.spec=local"
+            )
         return "te"
     return "te" if (have_te and device_type == "cuda") else "local"
 
@@ -115,4 +117,3 @@ def decoder_spec(spec: str, config, vp_stage=None) -> ModuleSpec:
     if spec == "local":
         return local_block_spec(config, vp_stage)
     raise DanubeConfigError(f"resolved spec must be 'te' or 'local', got {spec!r}")
-

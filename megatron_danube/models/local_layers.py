@@ -31,7 +31,7 @@ class DanubeRMSNorm(torch.nn.Module):
             torch.ones(hidden_size, dtype=config.params_dtype, device=_param_device(config))
         )
         # Read by megatron's finalize_model_grads: all-reduce this grad over TP under SP.
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden.dtype
@@ -48,11 +48,15 @@ def _param_device(config: TransformerConfig):
 
 def window_keys(config: TransformerConfig, layer_number: int) -> Optional[int]:
     """Keys a query may see in this layer (current token included), or None for full causal."""
-    if not is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+    if not is_layer_window_attention(
+        config.window_size, config.window_attn_skip_freq, layer_number
+    ):
         return None
     left, right = config.window_size
     if right != 0:
-        raise ValueError(f"only causal windows (right == 0) are supported, got {config.window_size}")
+        raise ValueError(
+            f"only causal windows (right == 0) are supported, got {config.window_size}"
+        )
     return None if left < 0 else left + 1
 
 

@@ -74,7 +74,7 @@ class DanubeModelConfig:
                 f"model {self.name}: head_dim {self.head_dim} must be even for RoPE"
             )
 
-    def replace(self, **changes) -> "DanubeModelConfig":
+    def replace(self, **changes) -> DanubeModelConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise DanubeConfigError(

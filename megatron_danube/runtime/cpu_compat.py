@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import sys
 import types
 

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_danube.config import ParallelLayout
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.layer_specs import resolve_spec
 from megatron_danube.models.presets import DanubeModelConfig
 from megatron_danube.runtime.layout import validate_layout
-from megatron_danube.config import ParallelLayout
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,13 @@ def _int_env(env, name) -> int:
     try:
         return int(env[name])
     except ValueError:
-        raise DanubeConfigError(f"environment variable {name}={env[name]!r} is not an integer")
+        raise DanubeConfigError(
+            f"environment variable {name}={env[name]!r} is not an integer"
+        ) from None
 
 
 def _first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: scontrol's answer, or our own parse without it."""
     try:
         out = subprocess.run(
             ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
@@ -52,10 +55,14 @@ def _first_slurm_host(nodelist: str) -> str:
             return out.stdout.split()[0]
     except (OSError, subprocess.TimeoutExpired):
         pass
-    # "node[01-04,07]" -> "node01"; "a,b" -> "a"
+    return parse_first_host(nodelist)
+
+
+def parse_first_host(nodelist: str) -> str:
+    """ "node[01-04,07]" -> "node01"; "a,b" -> "a"; "gpu[3]" -> "gpu3"."""
     head = nodelist.split(",")[0]
     if "[" in head:
-        prefix, rest = head.split("[", 1)
+        prefix, rest = nodelist.split("[", 1)
         return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
     return head
 
@@ -201,7 +208,12 @@ def initialize(
 
 
 LAUNCHER_VARS = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "MASTER_ADDR",
     "MASTER_PORT",
 )
 

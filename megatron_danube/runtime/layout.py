@@ -88,6 +88,5 @@ def validate_layout(
             )
         if cp > 1 and seq_length % (2 * cp):
             raise DanubeConfigError(
-                f"sequence length {seq_length} is not divisible by 2 x context_parallel "
-                f"= {2 * cp}"
+                f"sequence length {seq_length} is not divisible by 2 x context_parallel = {2 * cp}"
             )

@@ -18,18 +18,18 @@ are never saved. Nothing is loaded with pickle: the JSON holds the small state, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
-import logging
 from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_danube.config.sections import CheckpointSection
 from megatron_danube.errors import DanubeConfigError
@@ -65,11 +65,15 @@ def _rng_sharded_object(is_loading: bool) -> ShardedObject:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    state = {} if is_loading else {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": get_cuda_rng_tracker().get_states(),
-    }
+    state = (
+        {}
+        if is_loading
+        else {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states(),
+        }
+    )
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
@@ -319,7 +323,8 @@ class CheckpointManager:
         if not weights_are_finite(chunks):
             logger.error(
                 "not saving iteration %d: the weights hold NaN or Inf; `latest` stays at the "
-                "last healthy checkpoint", iteration,
+                "last healthy checkpoint",
+                iteration,
             )
             return None
         self.last_saved_iteration = iteration
@@ -428,9 +433,7 @@ class CheckpointManager:
         if same_layout:
             sharded["rng_state"] = _rng_sharded_object(is_loading=True)
         try:
-            loaded = dist_checkpointing.load(
-                sharded, path, strict=StrictHandling.LOG_UNEXPECTED
-            )
+            loaded = dist_checkpointing.load(sharded, path, strict=StrictHandling.LOG_UNEXPECTED)
         except (Exception, CheckpointException) as exc:  # the latter is a BaseException
             raise DanubeConfigError(
                 f"cannot load checkpoint {path}: {type(exc).__name__}: "

@@ -165,9 +165,16 @@ def step_record(
     logger.info(
         "iter %6d | tokens %s | loss %.4f | lr %.3e | grad %.3f | %s tok/s | %.2f TFLOP/s/GPU%s"
         " | mem %.1f GiB | ETA %.1f min",
-        iteration, f"{consumed_tokens:,}", record["loss"], lr, record["grad_norm"],
-        f"{rates['tokens_per_s']:,.0f}", rates["tflops_per_gpu"],
-        f" | MFU {rates['mfu']:.1%}" if "mfu" in rates else "", record["memory_gib"], eta_s / 60,
+        iteration,
+        f"{consumed_tokens:,}",
+        record["loss"],
+        lr,
+        record["grad_norm"],
+        f"{rates['tokens_per_s']:,.0f}",
+        rates["tflops_per_gpu"],
+        f" | MFU {rates['mfu']:.1%}" if "mfu" in rates else "",
+        record["memory_gib"],
+        eta_s / 60,
     )
     return record
 

@@ -58,7 +58,8 @@ def plan_stages(cfg, data_parallel: int, max_seq_length: int) -> List[Stage]:
             )
         if stage.seq_length > max_seq_length:
             raise DanubeConfigError(
-                f"{where}.seq_length {stage.seq_length} exceeds the model's context {max_seq_length}"
+                f"{where}.seq_length {stage.seq_length} exceeds the model's context "
+                f"{max_seq_length}"
             )
         if gbt % stage.seq_length:
             raise DanubeConfigError(

@@ -124,7 +124,9 @@ def forward_backward(
         for item in results:
             totals += torch.cat([item[k].to(torch.float64).view(-1) for k in keys])
     # Sum over DP x CP (each saw different tokens), then share from the last PP stage.
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    dist.all_reduce(
+        totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+    )
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     return dict(zip(keys, totals.split([report_sizes[k] for k in keys])))

@@ -115,8 +115,12 @@ class Trainer:
 
         cfg = self.cfg
         self.rt = initialize(
-            self.model_cfg, cfg.parallel, seed=cfg.train.seed, spec=cfg.model.spec,
-            device=cfg.train.device, seq_length=self.job.max_seq_length,
+            self.model_cfg,
+            cfg.parallel,
+            seed=cfg.train.seed,
+            spec=cfg.model.spec,
+            device=cfg.train.device,
+            seq_length=self.job.max_seq_length,
         )
         self.lock = RunDirLock(cfg.run_dir, self.rt.is_main)
         if self.rt.is_main:
@@ -124,12 +128,18 @@ class Trainer:
         self.job.setup(self.rt, self.rt.is_main)
         dist.barrier()
         config = build_transformer_config(
-            self.model_cfg, cfg.parallel, spec=self.rt.spec, device_type=self.rt.device.type,
-            precision=cfg.precision, recompute=cfg.recompute,
+            self.model_cfg,
+            cfg.parallel,
+            spec=self.rt.spec,
+            device_type=self.rt.device.type,
+            precision=cfg.precision,
+            recompute=cfg.recompute,
         )
         chunks = build_model_chunks(self.model_cfg, config, self.rt.spec, self.rt.device)
         self.chunks = wrap_with_ddp(
-            chunks, config, use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+            chunks,
+            config,
+            use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
             overlap_grad_reduce=cfg.optim.overlap_grad_reduce,
         )
         self.optimizer, self.scheduler = build_optimizer(
@@ -139,10 +149,15 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.run_dir, self.rt.is_main, cfg.logging.tensorboard)
         logger.info(
             "model %s: %s parameters (%s on rank 0), spec=%s, device=%s, TP=%d PP=%d VPP=%d DP=%d",
-            self.model_cfg.name, f"{self.model_cfg.num_parameters():,}",
-            f"{count_parameters(self.chunks):,}", self.rt.spec, self.rt.device.type,
-            cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-            cfg.parallel.virtual_pipeline, self.rt.data_parallel,
+            self.model_cfg.name,
+            f"{self.model_cfg.num_parameters():,}",
+            f"{count_parameters(self.chunks):,}",
+            self.rt.spec,
+            self.rt.device.type,
+            cfg.parallel.tensor_parallel,
+            cfg.parallel.pipeline_parallel,
+            cfg.parallel.virtual_pipeline,
+            self.rt.data_parallel,
         )
 
     def resume(self) -> None:
@@ -152,8 +167,11 @@ class Trainer:
         if not source:
             return
         saved = self.checkpoints.load(
-            source, self.chunks, self.optimizer,
-            load_optimizer=bool(own) or cfg.checkpoint.load_optimizer, verify=not own,
+            source,
+            self.chunks,
+            self.optimizer,
+            load_optimizer=bool(own) or cfg.checkpoint.load_optimizer,
+            verify=not own,
             before_load=lambda state: resume_checks.check(
                 state, self.train_state(), cfg.checkpoint.allow_changes, own=bool(own)
             ),
@@ -167,7 +185,9 @@ class Trainer:
         self.metrics.truncate_after(self.state.iteration)
         logger.info(
             "resumed from %s at iteration %d, %s tokens",
-            source, self.state.iteration, f"{self.state.consumed_tokens:,}",
+            source,
+            self.state.iteration,
+            f"{self.state.consumed_tokens:,}",
         )
 
     # ------------------------------------------------------------------------------ loop
@@ -182,17 +202,24 @@ class Trainer:
                 break
             batch = self.job.train_batch(s)
             result = train_step(
-                self.chunks, self.optimizer, batch.iterators,
-                num_microbatches=batch.num_microbatches, seq_length=batch.seq_length,
-                micro_batch_size=batch.micro_batch_size, forward_step_func=self.job.forward_step,
-                report_sizes=self.job.report_sizes, loss_of=self.job.loss,
+                self.chunks,
+                self.optimizer,
+                batch.iterators,
+                num_microbatches=batch.num_microbatches,
+                seq_length=batch.seq_length,
+                micro_batch_size=batch.micro_batch_size,
+                forward_step_func=self.job.forward_step,
+                report_sizes=self.job.report_sizes,
+                loss_of=self.job.loss,
             )
             self.advance(batch, result, window, throughput)
             steps += 1
             self.checkpoints.maybe_finalize()
             if s.iteration % self.cfg.logging.log_interval == 0:
                 elapsed = time.perf_counter() - t_start
-                self.log_step(batch, window, throughput, elapsed, s.consumed_tokens - tokens_at_start)
+                self.log_step(
+                    batch, window, throughput, elapsed, s.consumed_tokens - tokens_at_start
+                )
             if self.cfg.logging.eval_interval and s.iteration % self.cfg.logging.eval_interval == 0:
                 self.evaluate()
             self.reason = self.stop_reason(steps)
@@ -219,7 +246,8 @@ class Trainer:
             s.bad_steps_in_row += 1
             logger.warning(
                 "iteration %d skipped: non-finite loss or gradients (loss %s)",
-                s.iteration, result["loss"],
+                s.iteration,
+                result["loss"],
             )
         else:
             s.bad_steps_in_row = 0
@@ -249,9 +277,15 @@ class Trainer:
 
         s = self.state
         record = step_record(
-            s.iteration, s.consumed_tokens, batch.labels, window, throughput,
-            lr=self.optimizer.param_groups[0]["lr"], skipped_steps=s.skipped_steps,
-            world_size=self.rt.world_size, peak_tflops=self.peak_tflops(),
+            s.iteration,
+            s.consumed_tokens,
+            batch.labels,
+            window,
+            throughput,
+            lr=self.optimizer.param_groups[0]["lr"],
+            skipped_steps=s.skipped_steps,
+            world_size=self.rt.world_size,
+            peak_tflops=self.peak_tflops(),
             eta_s=elapsed / max(done_tokens, 1) * (self.job.total_tokens - s.consumed_tokens),
         )
         self.metrics.write(record, s.iteration)
@@ -280,19 +314,26 @@ class Trainer:
         with torch.no_grad():
             for b in batches:
                 reports = forward_backward(
-                    self.chunks, b.iterators, num_microbatches=b.num_microbatches,
-                    seq_length=b.seq_length, micro_batch_size=b.micro_batch_size,
-                    forward_only=True, forward_step_func=self.job.forward_step,
+                    self.chunks,
+                    b.iterators,
+                    num_microbatches=b.num_microbatches,
+                    seq_length=b.seq_length,
+                    micro_batch_size=b.micro_batch_size,
+                    forward_only=True,
+                    forward_step_func=self.job.forward_step,
                     report_sizes=self.job.report_sizes,
                 )
-                totals = reports if totals is None else {k: totals[k] + v for k, v in reports.items()}
+                totals = (
+                    reports if totals is None else {k: totals[k] + v for k, v in reports.items()}
+                )
         for chunk in self.chunks:
             chunk.train()
         record = {"iteration": self.state.iteration, "consumed_tokens": self.state.consumed_tokens}
         record.update(self.job.eval_metrics(totals))
         self.metrics.write(record, self.state.iteration, prefix="valid")
         logger.info(
-            "%s at iter %d: %s", "final validation" if final else "validation",
+            "%s at iter %d: %s",
+            "final validation" if final else "validation",
             self.state.iteration,
             ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_")),
         )
@@ -304,7 +345,9 @@ class Trainer:
         self.metrics.close()
         logger.info(
             "stopped at iteration %d (%s tokens): %s",
-            self.state.iteration, f"{self.state.consumed_tokens:,}", self.reason,
+            self.state.iteration,
+            f"{self.state.consumed_tokens:,}",
+            self.reason,
         )
         self.lock.release()
         shutdown()

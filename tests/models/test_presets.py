@@ -1,11 +1,11 @@
 import pytest
 import torch
 
+from megatron_danube.config import ParallelLayout
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.builder import build_model_chunks, count_parameters
 from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.models.presets import get_preset, list_presets
-from megatron_danube.config import ParallelLayout
 
 DANUBE_1_8B_PARAMS = 1_831_201_280  # HF MistralForCausalLM's count for h2oai/h2o-danube-1.8b-base
 
@@ -14,9 +14,17 @@ def test_danube_presets_match_the_released_configs():
     d1, d2 = get_preset("danube-1.8b"), get_preset("danube2-1.8b")
     for m in (d1, d2):
         assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.num_query_groups) == (
-            2560, 24, 32, 8)
+            2560,
+            24,
+            32,
+            8,
+        )
         assert (m.ffn_hidden_size, m.vocab_size, m.norm_eps, m.rope_theta) == (
-            6912, 32000, 1e-5, 10000.0)
+            6912,
+            32000,
+            1e-5,
+            10000.0,
+        )
     assert (d1.sliding_window, d1.max_position_embeddings) == (4096, 16384)
     assert (d2.sliding_window, d2.max_position_embeddings) == (None, 8192)
 

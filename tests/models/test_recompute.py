@@ -3,19 +3,19 @@
 import pytest
 import torch
 
+from megatron_danube.config import ParallelLayout, RecomputeConfig
 from megatron_danube.models.builder import build_model_chunks
-from megatron_danube.config import RecomputeConfig
 from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.models.full_weights import full_named_parameters, load_full_weights
 from megatron_danube.models.presets import get_preset
-from megatron_danube.config import ParallelLayout
 
 MODEL = get_preset("danube-test")
 
 
 def loss_and_grads(recompute, weights=None):
-    config = build_transformer_config(MODEL, ParallelLayout(), spec="local", device_type="cpu",
-                                      recompute=recompute)
+    config = build_transformer_config(
+        MODEL, ParallelLayout(), spec="local", device_type="cpu", recompute=recompute
+    )
     model = build_model_chunks(MODEL, config, "local", torch.device("cpu"))[0]
     if weights is not None:
         load_full_weights([model], weights)
@@ -25,9 +25,14 @@ def loss_and_grads(recompute, weights=None):
     return model, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("recompute", [RecomputeConfig("selective"),
-                                       RecomputeConfig("full", "uniform", 1),
-                                       RecomputeConfig("full", "block", 2)])
+@pytest.mark.parametrize(
+    "recompute",
+    [
+        RecomputeConfig("selective"),
+        RecomputeConfig("full", "uniform", 1),
+        RecomputeConfig("full", "block", 2),
+    ],
+)
 def test_recompute_gives_the_same_loss_and_grads(single_rank, recompute):
     model, ref_loss, ref_grads = loss_and_grads(RecomputeConfig())
     weights = full_named_parameters(model)

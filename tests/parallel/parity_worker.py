@@ -18,8 +18,8 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
-from megatron_danube.training.optim import make_optimizer  # noqa: E402
 
+from megatron_danube.config import OptimSection, ParallelLayout  # noqa: E402
 from megatron_danube.models.builder import build_model_chunks  # noqa: E402
 from megatron_danube.models.config_builder import build_transformer_config  # noqa: E402
 from megatron_danube.models.full_weights import (  # noqa: E402
@@ -29,7 +29,7 @@ from megatron_danube.models.full_weights import (  # noqa: E402
 )
 from megatron_danube.models.presets import get_preset  # noqa: E402
 from megatron_danube.runtime.distributed import initialize  # noqa: E402
-from megatron_danube.config import OptimSection, ParallelLayout  # noqa: E402
+from megatron_danube.training.optim import make_optimizer  # noqa: E402
 from megatron_danube.training.step import forward_backward, train_step, wrap_with_ddp  # noqa: E402
 
 MODEL = get_preset("danube-test")
@@ -156,13 +156,15 @@ def main(out_path: str, selected: list) -> None:
             if steps:
                 err, where = relative_errors(chunks, ref_params_after, "param")
             else:
-                err, where = relative_errors(chunks, ref_grads, "grad", gated=opts.get("gated", True))
+                err, where = relative_errors(
+                    chunks, ref_grads, "grad", gated=opts.get("gated", True)
+                )
             results[name] = {
                 "losses": losses,
                 "reference_losses": expected,
                 "loss_rel": loss_rel,
                 "tensor_rel": err,
-                "compared": "params after %d steps" % steps if steps else "grads",
+                "compared": f"params after {steps} steps" if steps else "grads",
                 "worst": where,
             }
         except Exception as exc:  # reported per case; the test for that case fails

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import REPO, torchrun
 
+pytestmark = pytest.mark.slow  # launches training processes
+
 TOLERANCE = 1e-5
 WORKER = os.path.join(REPO, "tests", "parallel", "parity_worker.py")
 
@@ -20,8 +22,10 @@ def parity_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("parity") / "results.json"
     proc = torchrun(WORKER, out, nproc=4, timeout=1200)
     if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"parity worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-5000:]}")
+        pytest.fail(
+            f"parity worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-5000:]}"
+        )
     return json.loads(out.read_text())
 
 

@@ -18,9 +18,11 @@ BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "m
 missing = [b for b in BINARIES if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
 pytestmark = [
     pytest.mark.slurm,
-    pytest.mark.skipif(bool(missing) or os.geteuid() != 0,
-                       reason=f"local SLURM unavailable (missing {missing} or not root); "
-                              f"apt-get install slurmctld slurmd slurm-client munge"),
+    pytest.mark.skipif(
+        bool(missing) or os.geteuid() != 0,
+        reason=f"local SLURM unavailable (missing {missing} or not root); "
+        f"apt-get install slurmctld slurmd slurm-client munge",
+    ),
 ]
 
 
@@ -38,10 +40,18 @@ def slurm(tmp_path_factory):
     os.chmod(key, 0o600)
     socket = root / "munge" / "munge.sock"
     procs = []
-    munged = subprocess.Popen([_bin("munged"), "--foreground", "--force", f"--key-file={key}",
-                               f"--socket={socket}", f"--pid-file={root / 'munge' / 'munged.pid'}",
-                               f"--seed-file={root / 'munge' / 'seed'}",
-                               f"--log-file={root / 'munge' / 'munged.log'}"])
+    munged = subprocess.Popen(
+        [
+            _bin("munged"),
+            "--foreground",
+            "--force",
+            f"--key-file={key}",
+            f"--socket={socket}",
+            f"--pid-file={root / 'munge' / 'munged.pid'}",
+            f"--seed-file={root / 'munge' / 'seed'}",
+            f"--log-file={root / 'munge' / 'munged.log'}",
+        ]
+    )
     procs.append(munged)
     conf = root / "slurm.conf"
     conf.write_text(f"""ClusterName=danubetest
@@ -59,12 +69,12 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 MinJobAge=3600
-StateSaveLocation={root / 'state'}
-SlurmdSpoolDir={root / 'spool'}
-SlurmctldPidFile={root / 'slurmctld.pid'}
-SlurmdPidFile={root / 'slurmd.pid'}
-SlurmctldLogFile={root / 'slurmctld.log'}
-SlurmdLogFile={root / 'slurmd.log'}
+StateSaveLocation={root / "state"}
+SlurmdSpoolDir={root / "spool"}
+SlurmctldPidFile={root / "slurmctld.pid"}
+SlurmdPidFile={root / "slurmd.pid"}
+SlurmctldLogFile={root / "slurmctld.log"}
+SlurmdLogFile={root / "slurmd.log"}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 JobAcctGatherType=jobacct_gather/none
@@ -76,12 +86,15 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
     env = dict(os.environ, SLURM_CONF=str(conf))
     time.sleep(0.5)
     procs.append(subprocess.Popen([_bin("slurmctld"), "-D", "-f", str(conf)], env=env))
-    procs.append(subprocess.Popen([_bin("slurmd"), "-D", "-N", "localhost", "-f", str(conf)], env=env))
+    procs.append(
+        subprocess.Popen([_bin("slurmd"), "-D", "-N", "localhost", "-f", str(conf)], env=env)
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
-            out = subprocess.run([_bin("sinfo"), "-h", "-o", "%T"], env=env, capture_output=True,
-                                 text=True).stdout
+            out = subprocess.run(
+                [_bin("sinfo"), "-h", "-o", "%T"], env=env, capture_output=True, text=True
+            ).stdout
             if "idle" in out:
                 break
             time.sleep(0.5)
@@ -99,31 +112,57 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
 
 
 def sbatch(slurm, run_dir, corpus, *overrides, tokens=10240):
-    env = {k: v for k, v in slurm["env"].items()  # sbatch exports the caller's environment
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {
+        k: v
+        for k, v in slurm["env"].items()  # sbatch exports the caller's environment
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     env.update(CONFIG="examples/configs/danube-tiny-cpu.yaml", RUN_DIR=str(run_dir))
     out = subprocess.run(
-        [_bin("sbatch"), "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-         "--cpus-per-task=1", "--time=15", f"--output={run_dir}-slurm-%j.out",
-         os.path.join(REPO, "slurm", "pretrain_1.8b.sh"),
-         f"train.train_tokens={tokens}", "optim.warmup_tokens=1024",
-         f"data.blend=[{corpus}]", f"data.demo_corpus_prefix={corpus}",
-         "logging.log_interval=1", "logging.eval_interval=0", *overrides],
-        env=env, cwd=REPO, capture_output=True, text=True, check=True)
+        [
+            _bin("sbatch"),
+            "--parsable",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--time=15",
+            f"--output={run_dir}-slurm-%j.out",
+            os.path.join(REPO, "slurm", "pretrain_1.8b.sh"),
+            f"train.train_tokens={tokens}",
+            "optim.warmup_tokens=1024",
+            f"data.blend=[{corpus}]",
+            f"data.demo_corpus_prefix={corpus}",
+            "logging.log_interval=1",
+            "logging.eval_interval=0",
+            *overrides,
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip().split(";")[0]
 
 
 def job_field(slurm, job, field):
-    out = subprocess.run([_bin("scontrol"), "show", "job", job], env=slurm["env"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [_bin("scontrol"), "show", "job", job], env=slurm["env"], capture_output=True, text=True
+    ).stdout
     match = re.search(rf"\b{field}=(\S+)", out)
     return match.group(1) if match else None
 
 
 def wait_done(slurm, job, timeout=600):
-    wait_for(lambda: job_field(slurm, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED",
-                                                          "TIMEOUT", "NODE_FAIL"),
-             timeout, f"job {job} to end")
+    wait_for(
+        lambda: (
+            job_field(slurm, job, "JobState")
+            in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+        ),
+        timeout,
+        f"job {job} to end",
+    )
     return job_field(slurm, job, "JobState"), job_field(slurm, job, "ExitCode")
 
 

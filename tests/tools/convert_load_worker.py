@@ -11,11 +11,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_danube.config import ParallelLayout
 from megatron_danube.convert.checkpoint_io import model_config_of, read_state
 from megatron_danube.models.builder import build_model_chunks
 from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.runtime.distributed import initialize, shutdown
-from megatron_danube.config import ParallelLayout
 from megatron_danube.training.checkpointing import CheckpointManager
 
 
@@ -33,7 +33,9 @@ def main(mcore_dir, ids_path, logits_path, out_path):
     with torch.no_grad():
         if parallel_state.is_pipeline_first_stage():
             hidden = chunk(ids, pos, None)  # [s, b, h] on the first stage
-            dist.send(hidden.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+            dist.send(
+                hidden.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank()
+            )
             result = None
         else:
             hidden = torch.empty(ids.shape[1], ids.shape[0], model.hidden_size)
@@ -41,8 +43,10 @@ def main(mcore_dir, ids_path, logits_path, out_path):
             chunk.set_input_tensor(hidden)
             logits = chunk(ids, pos, None)  # [b, s, vocab/TP]
             logits = gather_from_tensor_model_parallel_region(logits)[..., : model.vocab_size]
-            result = {"max_abs_diff": (logits - ref).abs().max().item(),
-                      "shape": list(logits.shape)}
+            result = {
+                "max_abs_diff": (logits - ref).abs().max().item(),
+                "shape": list(logits.shape),
+            }
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
     if dist.get_rank() == 0:

@@ -16,9 +16,19 @@ VOCAB = 1000  # padded to 1024 inside megatron
 
 
 def tiny_hf_config(**changes):
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                sliding_window=8, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=8,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
     base.update(changes)
     return MistralConfig(**base)
 
@@ -43,6 +53,7 @@ def mcore_dir(hf_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # launches processes
 def test_hf_to_mcore_loads_at_tp2_pp2_with_hf_logits(hf_dir, mcore_dir, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -51,8 +62,14 @@ def test_hf_to_mcore_loads_at_tp2_pp2_with_hf_logits(hf_dir, mcore_dir, tmp_path
     torch.save(ids, tmp_path / "ids.pt")
     torch.save(logits, tmp_path / "logits.pt")
     out = tmp_path / "out.json"
-    proc = torchrun(os.path.join(REPO, "tests", "tools", "convert_load_worker.py"), mcore_dir,
-                    tmp_path / "ids.pt", tmp_path / "logits.pt", out, nproc=4)
+    proc = torchrun(
+        os.path.join(REPO, "tests", "tools", "convert_load_worker.py"),
+        mcore_dir,
+        tmp_path / "ids.pt",
+        tmp_path / "logits.pt",
+        out,
+        nproc=4,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(out.read_text())
     assert len(results) == 2  # both TP ranks of the last stage
@@ -63,8 +80,10 @@ def test_hf_to_mcore_loads_at_tp2_pp2_with_hf_logits(hf_dir, mcore_dir, tmp_path
 
 def test_hf_to_mcore_to_hf_is_bit_identical(hf_dir, mcore_dir, tmp_path):
     back = tmp_path / "back"
-    assert convert(["--to", "hf", "--load", str(mcore_dir), "--save", str(back),
-                    "--dtype", "float32"]) == 0
+    assert (
+        convert(["--to", "hf", "--load", str(mcore_dir), "--save", str(back), "--dtype", "float32"])
+        == 0
+    )
     a, b = load_file(hf_dir / "model.safetensors"), load_file(back / "model.safetensors")
     assert sorted(a) == sorted(b)
     for k in a:
@@ -74,6 +93,7 @@ def test_hf_to_mcore_to_hf_is_bit_identical(hf_dir, mcore_dir, tmp_path):
     assert cfg["sliding_window"] == 8 and cfg["vocab_size"] == VOCAB
 
 
+@pytest.mark.slow  # launches processes
 def test_training_checkpoint_at_tp2_to_hf_generates_and_matches(tmp_path, tmp_path_factory):
     from megatron_danube.convert.compare import compare
     from megatron_danube.data.demo_corpus import ensure_demo_corpus
@@ -82,12 +102,21 @@ def test_training_checkpoint_at_tp2_to_hf_generates_and_matches(tmp_path, tmp_pa
     tok = load_tokenizer("mistral-v1")
     prefix = ensure_demo_corpus(str(tmp_path / "corpus" / "pydoc_text_document"), tok)
     run_dir = tmp_path / "run"
-    run_pretrain(run_dir, [prefix, prefix], "parallel.tensor_parallel=2",
-                 "train.train_tokens=512", "logging.eval_interval=0")
+    run_pretrain(
+        run_dir,
+        [prefix, prefix],
+        "parallel.tensor_parallel=2",
+        "train.train_tokens=512",
+        "logging.eval_interval=0",
+    )
     hf_out = tmp_path / "hf"
-    assert convert(["--to", "hf", "--load", str(run_dir), "--save", str(hf_out),
-                    "--dtype", "float32"]) == 0
-    assert (hf_out / "tokenizer_config.json").exists() and (hf_out / "generation_config.json").exists()
+    assert (
+        convert(["--to", "hf", "--load", str(run_dir), "--save", str(hf_out), "--dtype", "float32"])
+        == 0
+    )
+    assert (hf_out / "tokenizer_config.json").exists() and (
+        hf_out / "generation_config.json"
+    ).exists()
     model = AutoModelForCausalLM.from_pretrained(hf_out)
     ids = torch.tensor([[tok.bos] + tok.encode("The import statement")])
     generated = model.generate(ids, max_new_tokens=8, do_sample=False)
@@ -116,11 +145,14 @@ def test_sharded_safetensors_with_index(mcore_dir, tmp_path):
     assert model.config.num_hidden_layers == 4
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"tie_word_embeddings": True}, "ties embeddings"),
-    ({"attention_bias": True}, "linear biases"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"tie_word_embeddings": True}, "ties embeddings"),
+        ({"attention_bias": True}, "linear biases"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+    ],
+)
 def test_unrepresentable_hf_models_are_one_line_errors(tmp_path, capsys, change, message):
     path = tmp_path / "hf"
     config = tiny_hf_config()
@@ -152,16 +184,31 @@ def test_pickle_only_and_corrupt_hf_weights_are_refused(hf_dir, tmp_path, capsys
 
 
 def test_mismatched_and_corrupt_megatron_inputs(mcore_dir, tmp_path, capsys):
-    assert convert(["--to", "hf", "--load", str(tmp_path / "missing"), "--save",
-                    str(tmp_path / "o")]) == 2
+    assert (
+        convert(["--to", "hf", "--load", str(tmp_path / "missing"), "--save", str(tmp_path / "o")])
+        == 2
+    )
     assert "no such directory" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert convert(["--to", "hf", "--load", str(empty), "--save", str(tmp_path / "o")]) == 2
     assert "not a megatron_danube checkpoint" in capsys.readouterr().err
     # wrong model preset for the checkpoint
-    assert convert(["--to", "hf", "--load", str(mcore_dir), "--save", str(tmp_path / "o"),
-                    "--model-preset", "danube-tiny"]) == 2
+    assert (
+        convert(
+            [
+                "--to",
+                "hf",
+                "--load",
+                str(mcore_dir),
+                "--save",
+                str(tmp_path / "o"),
+                "--model-preset",
+                "danube-tiny",
+            ]
+        )
+        == 2
+    )
     assert "error" in capsys.readouterr().err
     # existing non-empty output is never touched
     keep = tmp_path / "keep"
@@ -171,6 +218,7 @@ def test_mismatched_and_corrupt_megatron_inputs(mcore_dir, tmp_path, capsys):
     assert (keep / "precious.txt").read_text() == "x"
     # truncated shard data
     import shutil
+
     broken = tmp_path / "broken"
     shutil.copytree(mcore_dir, broken)
     for f in broken.glob("*.distcp"):

@@ -31,26 +31,52 @@ def corpora(tmp_path_factory):
 def pretrain_cmd(nproc, launcher="torch.distributed.run"):
     if nproc == 1:
         return [sys.executable, "-m", "megatron_danube.pretrain"]
-    return [sys.executable, "-m", launcher, f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}", "-m", "megatron_danube.pretrain"]
+    return [
+        sys.executable,
+        "-m",
+        launcher,
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        "-m",
+        "megatron_danube.pretrain",
+    ]
 
 
-def run_pretrain(run_dir, corpora, *overrides, nproc=2, config="tests/training/tiny_run.yaml",
-                 timeout=600, check=True, background=False, launcher="torch.distributed.run"):
+def run_pretrain(
+    run_dir,
+    corpora,
+    *overrides,
+    nproc=2,
+    config="tests/training/tiny_run.yaml",
+    timeout=600,
+    check=True,
+    background=False,
+    launcher="torch.distributed.run",
+):
     args = pretrain_cmd(nproc, launcher) + [
-        "--config", os.path.join(REPO, config), f"run_dir={run_dir}",
+        "--config",
+        os.path.join(REPO, config),
+        f"run_dir={run_dir}",
         f"data.blend=[{corpora[0]}]",
         f"stages.1.blend=[0.3, {corpora[0]}, 0.7, {corpora[1]}]",
         *overrides,
     ]
     env = dict(os.environ, PYTHONPATH=REPO)
     if background:
-        return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"pretrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

@@ -33,11 +33,14 @@ def test_config_value_error_is_one_line_before_anything_runs(tmp_path, corpora):
     assert "logging.log_interval=0; it must be >= 1" in line
 
 
-@pytest.mark.parametrize("damage,expected", [
-    ("idx_magic", "is not a Megatron index file"),
-    ("idx_truncated", "is truncated or damaged"),
-    ("bin_truncated", "the file is truncated"),
-])
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        ("idx_magic", "is not a Megatron index file"),
+        ("idx_truncated", "is truncated or damaged"),
+        ("bin_truncated", "the file is truncated"),
+    ],
+)
 def test_damaged_dataset_files(tmp_path, corpora, damage, expected):
     prefix = tmp_path / "copy_text_document"
     for ext in (".bin", ".idx"):
@@ -95,13 +98,20 @@ def _finished_run(tmp_path, corpora, *extra):
 
 def test_resume_refuses_a_changed_schedule_unless_allowed(tmp_path, corpora):
     run_dir = _finished_run(tmp_path, corpora)
-    proc = run_pretrain(run_dir, corpora, "train.global_batch_tokens=512",
-                        "train.train_tokens=4096", **ONE)
+    proc = run_pretrain(
+        run_dir, corpora, "train.global_batch_tokens=512", "train.train_tokens=4096", **ONE
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "train.global_batch_tokens=256 but this run has 512" in proc.stderr
     assert "checkpoint.allow_changes" in proc.stderr
-    ok = run_pretrain(run_dir, corpora, "train.train_tokens=4096", "train.exit_after_steps=1",
-                      "checkpoint.allow_changes=[train.train_tokens]", nproc=1)
+    ok = run_pretrain(
+        run_dir,
+        corpora,
+        "train.train_tokens=4096",
+        "train.exit_after_steps=1",
+        "checkpoint.allow_changes=[train.train_tokens]",
+        nproc=1,
+    )
     assert "resumed from" in ok.stdout
 
 
@@ -162,9 +172,21 @@ def test_convert_refuses_a_file_or_read_only_save(tmp_path, corpora):
     run_dir = _finished_run(tmp_path, corpora)
     target = tmp_path / "file"
     target.write_text("precious")
-    proc = subprocess.run([sys.executable, "-m", "megatron_danube.cli.convert", "--to", "hf",
-                           "--load", str(run_dir), "--save", str(target)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_danube.cli.convert",
+            "--to",
+            "hf",
+            "--load",
+            str(run_dir),
+            "--save",
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "is a file" in proc.stderr and target.read_text() == "precious"
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -172,8 +194,9 @@ def test_convert_refuses_a_file_or_read_only_save(tmp_path, corpora):
 def test_metrics_hold_each_iteration_once_after_resumes(tmp_path, corpora):
     run_dir = tmp_path / "r"
     for _ in range(3):
-        run_pretrain(run_dir, corpora, "train.exit_after_steps=2", "checkpoint.save_interval=1",
-                     nproc=1)
+        run_pretrain(
+            run_dir, corpora, "train.exit_after_steps=2", "checkpoint.save_interval=1", nproc=1
+        )
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     iterations = [r["iteration"] for r in records if "loss" in r]
     assert iterations == sorted(set(iterations)) and len(iterations) == 6

@@ -4,14 +4,14 @@ import os
 
 import pytest
 import torch
-from megatron_danube.training.optim import make_optimizer
 
+from megatron_danube.config import CheckpointSection, OptimSection, ParallelLayout
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.builder import build_model_chunks
 from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.models.presets import get_preset
-from megatron_danube.config import CheckpointSection, OptimSection, ParallelLayout
 from megatron_danube.training.checkpointing import CheckpointManager
+from megatron_danube.training.optim import make_optimizer
 from megatron_danube.training.step import train_step, wrap_with_ddp
 
 MODEL = get_preset("danube-test")
@@ -20,8 +20,11 @@ MODEL = get_preset("danube-test")
 def _build(seed):
     torch.manual_seed(seed)
     config = build_transformer_config(MODEL, ParallelLayout(), spec="local", device_type="cpu")
-    chunks = wrap_with_ddp(build_model_chunks(MODEL, config, "local", torch.device("cpu")),
-                           config, use_distributed_optimizer=True)
+    chunks = wrap_with_ddp(
+        build_model_chunks(MODEL, config, "local", torch.device("cpu")),
+        config,
+        use_distributed_optimizer=True,
+    )
     opt = make_optimizer(OptimSection(lr=1e-2), chunks, config)
     return chunks, opt
 
@@ -29,20 +32,28 @@ def _build(seed):
 def _batch(step):
     g = torch.Generator().manual_seed(step)
     t = torch.randint(0, MODEL.vocab_size, (2, 17), generator=g)
-    b = {"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(2, 16),
-         "position_ids": torch.arange(16).expand(2, 16)}
+    b = {
+        "tokens": t[:, :-1],
+        "labels": t[:, 1:],
+        "loss_mask": torch.ones(2, 16),
+        "position_ids": torch.arange(16).expand(2, 16),
+    }
     return [iter([b])]
 
 
 def _step(chunks, opt, step):
-    return train_step(chunks, opt, _batch(step), num_microbatches=1, seq_length=16,
-                      micro_batch_size=2)
+    return train_step(
+        chunks, opt, _batch(step), num_microbatches=1, seq_length=16, micro_batch_size=2
+    )
 
 
 def _adam_steps(opt):
     inner = opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt
-    return [s["step"] for s in inner.optimizer.state.values()] if hasattr(inner, "optimizer") \
+    return (
+        [s["step"] for s in inner.optimizer.state.values()]
+        if hasattr(inner, "optimizer")
         else [s["step"] for s in inner.state.values()]
+    )
 
 
 def test_checkpoint_shared_adam_step_regression(single_rank, tmp_path):
@@ -76,7 +87,9 @@ def test_checkpoint_latest_pointing_at_missing_folder_is_a_clear_error(tmp_path)
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
     (ckpts / "latest").write_text("iter_0000042\n")
-    with pytest.raises(DanubeConfigError, match="names iter_0000042, which is missing or incomplete"):
+    with pytest.raises(
+        DanubeConfigError, match="names iter_0000042, which is missing or incomplete"
+    ):
         CheckpointManager(str(tmp_path)).latest()
 
 

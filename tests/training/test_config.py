@@ -1,15 +1,22 @@
 import pytest
 
-from megatron_danube.errors import DanubeConfigError
 from megatron_danube.config import load_config
+from megatron_danube.errors import DanubeConfigError
 from megatron_danube.training.stages import plan_stages, stage_at
 
 DEMO = "examples/configs/danube-tiny-cpu.yaml"
 
 
 def test_demo_config_loads_and_overrides_apply():
-    cfg = load_config(DEMO, ["train.train_tokens=2048", "parallel.tensor_parallel=2",
-                             "optim.lr=1e-4", "stages.1.seq_length=256"])
+    cfg = load_config(
+        DEMO,
+        [
+            "train.train_tokens=2048",
+            "parallel.tensor_parallel=2",
+            "optim.lr=1e-4",
+            "stages.1.seq_length=256",
+        ],
+    )
     assert cfg.train.train_tokens == 2048 and cfg.parallel.tensor_parallel == 2
     assert cfg.optim.lr == 1e-4 and cfg.stages[1].seq_length == 256
     assert cfg.model.preset == "danube-tiny"
@@ -55,37 +62,43 @@ def test_danube_1_8b_example_stages():
     assert [s.seq_length for s in stages] == [2048, 4096, 8192, 16384]
 
 
-@pytest.mark.parametrize("override,match", [
-    ("stages.1.seq_length=96", "not a multiple of stages\\[1\\].seq_length"),
-    ("train.global_batch_tokens=1000", "train_tokens 307200 is not a multiple"),
-    ("stages.1.start_tokens=1000", "not a multiple of train.global_batch_tokens"),
-    ("train.micro_batch_size=3", "do not split into micro-batches"),
-    ("stages.0.start_tokens=64", "must be 0"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("stages.1.seq_length=96", "not a multiple of stages\\[1\\].seq_length"),
+        ("train.global_batch_tokens=1000", "train_tokens 307200 is not a multiple"),
+        ("stages.1.start_tokens=1000", "not a multiple of train.global_batch_tokens"),
+        ("train.micro_batch_size=3", "do not split into micro-batches"),
+        ("stages.0.start_tokens=64", "must be 0"),
+    ],
+)
 def test_impossible_stage_plans(override, match):
     cfg = load_config(DEMO, [override])
     with pytest.raises(DanubeConfigError, match=match):
         plan_stages(cfg, data_parallel=2, max_seq_length=512)
 
 
-@pytest.mark.parametrize("override,match", [
-    ("logging.log_interval=0", "logging.log_interval=0; it must be >= 1"),
-    ("stages.5.seq_length=64", "stages.5 is not an existing list index"),
-    ("stages.x.seq_length=64", "stages.x is not an existing list index"),
-    ("stages=[]", "stages is empty"),
-    ("optim.lr=-1", "optim.lr=-1.0; the learning rate must be >= 0"),
-    ("optim.adam_beta2=2", "optim.adam_beta2=2.0; it must be in \\[0, 1\\)"),
-    ("optim.lr=.nan", "optim.lr: expected a finite number"),
-    ("checkpoint.save_interval=-5", "checkpoint.save_interval=-5"),
-    ("checkpoint.keep_last=0", "keep at least 1"),
-    ("logging.eval_iters=-1", "logging.eval_iters=-1"),
-    ("train.train_tokens=-1024", "train.train_tokens=-1024; it must be > 0"),
-    ("train.device=gpu", "train.device='gpu'; choose one of auto, cuda, cpu"),
-    ("model.spec=fast", "model.spec='fast'; choose one of auto, te, local"),
-    ("precision.fp8=fp4", "precision.fp8='fp4'; choose one of delayed, tensorwise, mxfp8"),
-    ("optim.distributed_optimizer=true", "did you mean 'use_distributed_optimizer'"),
-    ("optim.lr", "must look like section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("logging.log_interval=0", "logging.log_interval=0; it must be >= 1"),
+        ("stages.5.seq_length=64", "stages.5 is not an existing list index"),
+        ("stages.x.seq_length=64", "stages.x is not an existing list index"),
+        ("stages=[]", "stages is empty"),
+        ("optim.lr=-1", "optim.lr=-1.0; the learning rate must be >= 0"),
+        ("optim.adam_beta2=2", "optim.adam_beta2=2.0; it must be in \\[0, 1\\)"),
+        ("optim.lr=.nan", "optim.lr: expected a finite number"),
+        ("checkpoint.save_interval=-5", "checkpoint.save_interval=-5"),
+        ("checkpoint.keep_last=0", "keep at least 1"),
+        ("logging.eval_iters=-1", "logging.eval_iters=-1"),
+        ("train.train_tokens=-1024", "train.train_tokens=-1024; it must be > 0"),
+        ("train.device=gpu", "train.device='gpu'; choose one of auto, cuda, cpu"),
+        ("model.spec=fast", "model.spec='fast'; choose one of auto, te, local"),
+        ("precision.fp8=fp4", "precision.fp8='fp4'; choose one of delayed, tensorwise, mxfp8"),
+        ("optim.distributed_optimizer=true", "did you mean 'use_distributed_optimizer'"),
+        ("optim.lr", "must look like section.key=value"),
+    ],
+)
 def test_bad_values_are_one_line_errors_naming_the_key(override, match):
     with pytest.raises(DanubeConfigError, match=match) as e:
         load_config(DEMO, [override])
@@ -106,8 +119,11 @@ def test_bad_blend_weight_is_a_clear_error(weight):
     from megatron_danube.data.datasets import parse_blend
 
     with pytest.raises(DanubeConfigError, match="data.blend"):
-        parse_blend([float(weight) if weight != ".nan" else float("nan"), "a"] + [0.5, "b"]
-                    if weight != "0" else [0, "a", 0, "b"])
+        parse_blend(
+            [float(weight) if weight != ".nan" else float("nan"), "a"] + [0.5, "b"]
+            if weight != "0"
+            else [0, "a", 0, "b"]
+        )
 
 
 def test_empty_yaml_uses_working_defaults(tmp_path):

@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import wait_for
 from tests.training.conftest import run_pretrain, train_losses
 
+pytestmark = pytest.mark.slow  # launches training processes
+
 STEPS = 8
 
 
@@ -47,7 +49,9 @@ def test_resume_tp2_is_bitwise_identical(tp2_runs):
 
 def test_resume_across_a_stage_boundary_changes_seq_and_blend(tp2_runs):
     full, split, *_ = tp2_runs
-    records = [json.loads(l) for l in open(os.path.join(split, "metrics.jsonl")) if '"loss"' in l]
+    records = [
+        json.loads(line) for line in open(os.path.join(split, "metrics.jsonl")) if '"loss"' in line
+    ]
     seqs = {r["iteration"]: r["seq_length"] for r in records}
     assert seqs[4] == 32 and seqs[5] == 64  # stopped at 4, resumed into stage 1 at step 5
     assert train_losses(full)[5] == train_losses(split)[5]
@@ -76,8 +80,11 @@ def test_resume_pp2_dp2_is_bitwise_identical(tmp_path, corpora):
 
 
 def _workers(proc):
-    return [c for c in psutil.Process(proc.pid).children(recursive=True)
-            if "megatron_danube.pretrain" in " ".join(c.cmdline())]
+    return [
+        c
+        for c in psutil.Process(proc.pid).children(recursive=True)
+        if "megatron_danube.pretrain" in " ".join(c.cmdline())
+    ]
 
 
 def test_checkpoint_on_sigterm_saves_exits_zero_and_resumes(tmp_path, corpora):
@@ -85,8 +92,11 @@ def test_checkpoint_on_sigterm_saves_exits_zero_and_resumes(tmp_path, corpora):
     slow = ("train.train_tokens=25600",)  # 100 steps: long enough to interrupt
     proc = run_pretrain(run_dir, corpora, *slow, background=True)
     metrics = run_dir / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 300,
-              "training to start")
+    wait_for(
+        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
+        300,
+        "training to start",
+    )
     for worker in _workers(proc):  # as srun/scancel --signal=TERM does: every task
         worker.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
@@ -98,15 +108,21 @@ def test_checkpoint_on_sigterm_saves_exits_zero_and_resumes(tmp_path, corpora):
     again = run_pretrain(run_dir, corpora, *slow, "train.exit_after_steps=2")
     assert f"at iteration {stopped_at}," in again.stdout
     assert max(train_losses(run_dir)) == stopped_at + 2
-    iterations = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()
-                  if "loss" in json.loads(line)]
+    iterations = [
+        json.loads(line)["iteration"]
+        for line in metrics.read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert len(iterations) == len(set(iterations)), "a resumed step was recorded twice"
 
 
-@pytest.mark.parametrize("launcher,expected_rc", [
-    ("megatron_danube.cli.launch", 0),  # danube-launch: the signal means save and exit 0
-    ("torch.distributed.run", 1),  # torchrun itself reports the signal as a failure
-])
+@pytest.mark.parametrize(
+    "launcher,expected_rc",
+    [
+        ("megatron_danube.cli.launch", 0),  # danube-launch: the signal means save and exit 0
+        ("torch.distributed.run", 1),  # torchrun itself reports the signal as a failure
+    ],
+)
 def test_sigterm_to_the_launcher_saves(tmp_path, corpora, launcher, expected_rc):
     """SIGTERM to the launcher only (a scheduler or Ctrl-C): every worker saves, nothing is
     left half-written, and the run resumes from the stop."""
@@ -115,8 +131,11 @@ def test_sigterm_to_the_launcher_saves(tmp_path, corpora, launcher, expected_rc)
     slow = ("train.train_tokens=25600", "checkpoint.save_interval=2")
     proc = run_pretrain(run_dir, corpora, *slow, background=True, launcher=launcher)
     metrics = run_dir / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 300,
-             "training to start")
+    wait_for(
+        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
+        300,
+        "training to start",
+    )
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert "signal received: saved at a step boundary" in out, out[-3000:]
@@ -132,8 +151,9 @@ def test_sigterm_to_the_launcher_saves(tmp_path, corpora, launcher, expected_rc)
 def test_checkpoint_killed_mid_save_leaves_previous_latest_loadable(tmp_path, corpora):
     run_dir = tmp_path / "kill"
     ckpts = run_dir / "checkpoints"
-    proc = run_pretrain(run_dir, corpora, "train.train_tokens=25600",
-                        "checkpoint.save_interval=3", background=True)
+    proc = run_pretrain(
+        run_dir, corpora, "train.train_tokens=25600", "checkpoint.save_interval=3", background=True
+    )
 
     def saving_after_a_complete_one():
         if not (ckpts / "latest").exists():
@@ -152,17 +172,29 @@ def test_checkpoint_killed_mid_save_leaves_previous_latest_loadable(tmp_path, co
     latest = (ckpts / "latest").read_text().strip()
     assert (ckpts / latest / "train_state.json").exists()
     assert any(p.name.endswith(".partial") for p in ckpts.iterdir())  # the killed save
-    resumed = run_pretrain(run_dir, corpora, "train.train_tokens=25600",
-                           "checkpoint.save_interval=3", "train.exit_after_steps=1")
+    resumed = run_pretrain(
+        run_dir,
+        corpora,
+        "train.train_tokens=25600",
+        "checkpoint.save_interval=3",
+        "train.exit_after_steps=1",
+    )
     assert f"resumed from {ckpts / latest}" in resumed.stdout
 
 
 def test_checkpoint_after_nonfinite_losses_stops_the_run(tmp_path, corpora):
     """A diverging run skips non-finite steps, and N in a row stop it with a checkpoint."""
     run_dir = tmp_path / "nan"
-    proc = run_pretrain(run_dir, corpora, "optim.lr=1.0e+30", "optim.clip_grad=0.0",
-                        "train.max_bad_steps=2", "train.train_tokens=25600", nproc=1,
-                        check=False)
+    proc = run_pretrain(
+        run_dir,
+        corpora,
+        "optim.lr=1.0e+30",
+        "optim.clip_grad=0.0",
+        "train.max_bad_steps=2",
+        "train.train_tokens=25600",
+        nproc=1,
+        check=False,
+    )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "2 non-finite losses in a row" in proc.stdout
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
@@ -179,10 +211,24 @@ def test_divergence_never_replaces_healthy_checkpoints(tmp_path, corpora):
     """lr=1e6 after healthy saves: skipped steps are counted, and the healthy checkpoints
     survive pruning; whatever is `latest` afterwards holds finite weights."""
     run_dir = tmp_path / "diverge"
-    run_pretrain(run_dir, corpora, "checkpoint.save_interval=2", "checkpoint.keep_last=2",
-                 "train.exit_after_steps=4", nproc=1)
-    proc = run_pretrain(run_dir, corpora, "optim.lr=1.0e+6", "checkpoint.save_interval=1",
-                        "checkpoint.keep_last=2", "train.max_bad_steps=2", nproc=1, check=False)
+    run_pretrain(
+        run_dir,
+        corpora,
+        "checkpoint.save_interval=2",
+        "checkpoint.keep_last=2",
+        "train.exit_after_steps=4",
+        nproc=1,
+    )
+    proc = run_pretrain(
+        run_dir,
+        corpora,
+        "optim.lr=1.0e+6",
+        "checkpoint.save_interval=1",
+        "checkpoint.keep_last=2",
+        "train.max_bad_steps=2",
+        nproc=1,
+        check=False,
+    )
     state = json.loads(next((run_dir / "checkpoints").glob("iter_*/train_state.json")).read_text())
     assert state["iteration"] >= 2
     from megatron_danube.convert.checkpoint_io import load_megatron_weights, model_config_of
@@ -198,7 +244,11 @@ def test_divergence_never_replaces_healthy_checkpoints(tmp_path, corpora):
 def test_resume_from_async_checkpoint_saves(tmp_path, corpora, tp2_runs):
     """async_save: shards are written in the background; `latest` moves once they are done."""
     run_dir = tmp_path / "async"
-    opts = ("parallel.tensor_parallel=2", "checkpoint.async_save=true", "checkpoint.save_interval=2")
+    opts = (
+        "parallel.tensor_parallel=2",
+        "checkpoint.async_save=true",
+        "checkpoint.save_interval=2",
+    )
     run_pretrain(run_dir, corpora, *opts, "train.exit_after_steps=4")
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
     assert not list((run_dir / "checkpoints").glob("*.partial"))

@@ -113,12 +113,18 @@ class PretrainJob:
         self.rt = rt
         self.dp_rank = parallel_state.get_data_parallel_rank()
         init_num_microbatches_calculator(
-            rt.rank, None, self.stages[0].global_batch_seqs, self.cfg.train.micro_batch_size,
-            rt.data_parallel, decrease_batch_size_if_needed=False,
+            rt.rank,
+            None,
+            self.stages[0].global_batch_seqs,
+            self.cfg.train.micro_batch_size,
+            rt.data_parallel,
+            decrease_batch_size_if_needed=False,
         )
 
     def _enter_stage(self, stage: Stage) -> None:
-        from megatron.core.num_microbatches_calculator import reconfigure_num_microbatches_calculator
+        from megatron.core.num_microbatches_calculator import (
+            reconfigure_num_microbatches_calculator,
+        )
 
         from megatron_danube.data.datasets import build_datasets
 
@@ -134,12 +140,19 @@ class PretrainJob:
             cache_dir=os.path.join(self.cfg.run_dir, "data_cache"),
         )
         reconfigure_num_microbatches_calculator(
-            self.rt.rank, None, stage.global_batch_seqs, self.cfg.train.micro_batch_size,
-            self.rt.data_parallel, decrease_batch_size_if_needed=False,
+            self.rt.rank,
+            None,
+            stage.global_batch_seqs,
+            self.cfg.train.micro_batch_size,
+            self.rt.data_parallel,
+            decrease_batch_size_if_needed=False,
         )
         logger.info(
             "stage %d: seq_length %d, %d sequences/step, %d micro-batches/rank, from %s tokens",
-            stage.index, stage.seq_length, stage.global_batch_seqs, stage.num_microbatches,
+            stage.index,
+            stage.seq_length,
+            stage.global_batch_seqs,
+            stage.num_microbatches,
             f"{stage.start_tokens:,}",
         )
 
@@ -149,13 +162,20 @@ class PretrainJob:
 
         mbs, gbt = self.cfg.train.micro_batch_size, self.cfg.train.global_batch_tokens
         iterators = step_iterators(
-            dataset, first_sample=first_sample, global_batch=stage.global_batch_seqs,
-            dp_rank=self.dp_rank, dp_size=self.rt.data_parallel, micro_batch_size=mbs,
+            dataset,
+            first_sample=first_sample,
+            global_batch=stage.global_batch_seqs,
+            dp_rank=self.dp_rank,
+            dp_size=self.rt.data_parallel,
+            micro_batch_size=mbs,
             num_chunks=self.num_chunks,
         )
         return StepBatch(
-            iterators=iterators, num_microbatches=stage.num_microbatches,
-            seq_length=stage.seq_length, micro_batch_size=mbs, tokens=gbt,
+            iterators=iterators,
+            num_microbatches=stage.num_microbatches,
+            seq_length=stage.seq_length,
+            micro_batch_size=mbs,
+            tokens=gbt,
             flops=gbt * flops_per_token(self.model_cfg, stage.seq_length),
             labels={"stage": stage.index, "seq_length": stage.seq_length},
         )
