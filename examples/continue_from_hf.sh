@@ -13,7 +13,7 @@ MCORE_DIR=${MCORE_DIR:-checkpoints/$(basename "$HF_DIR")-mcore}
 NPROC=${NPROC:-$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 
 if [[ ! -f "$MCORE_DIR/train_state.json" ]]; then
-    python3 tools/convert_checkpoint.py --to mcore --load "$HF_DIR" --save "$MCORE_DIR"
+    danube-convert --to mcore --load "$HF_DIR" --save "$MCORE_DIR"
 fi
-torchrun --nproc-per-node "$NPROC" -m megatron_danube.pretrain --config "$CONFIG" \
+danube-launch --nproc-per-node "$NPROC" -m megatron_danube.pretrain --config "$CONFIG" \
     checkpoint.load="$MCORE_DIR" checkpoint.load_optimizer=false "$@"

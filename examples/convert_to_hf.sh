@@ -7,5 +7,5 @@ set -euo pipefail
 RUN_DIR=${1:?usage: convert_to_hf.sh RUN_DIR HF_OUT [--dtype ...]}
 HF_OUT=${2:?usage: convert_to_hf.sh RUN_DIR HF_OUT [--dtype ...]}
 shift 2
-python3 tools/convert_checkpoint.py --to hf --load "$RUN_DIR" --save "$HF_OUT" "$@"
-python3 tools/compare_hf_megatron.py --hf "$HF_OUT" --mcore "$RUN_DIR"
+danube-convert --to hf --load "$RUN_DIR" --save "$HF_OUT" "$@"
+danube-compare --hf "$HF_OUT" --mcore "$RUN_DIR"

@@ -1,4 +1,7 @@
-"""One exception type for user mistakes, so entry points can print a single line and exit."""
+"""One exception type for user mistakes, so entry points can print a single line and exit,
+and the one-line message for a missing optional package."""
+
+from typing import Optional
 
 
 class DanubeConfigError(ValueError):
@@ -6,3 +9,23 @@ class DanubeConfigError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(message.split()))
+
+
+# Optional modules -> the extra of this package that installs them.
+EXTRAS = {
+    "safetensors": "hf",
+    "transformers": "hf",
+    "tokenizers": "hf",
+    "zstandard": "data",
+    "pyarrow": "data",
+    "mistral_common": "demo",
+    "transformer_engine": "te",
+}
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> Optional[str]:
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f'this needs the {top} package, which is not installed; pip install -e ".[{extra}]"'

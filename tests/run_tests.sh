@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The README's test command. Installs the local SLURM used by the slurm tests where it can.
-set -uo pipefail
+# The README's test command: lint, then the whole suite (pass -m "not slow" for the fast tier).
+set -euo pipefail
 cd "$(dirname "$0")/.."
+python3 -m ruff check .
+python3 -m ruff format --check .
 python3 -m pytest -q -rs "$@"

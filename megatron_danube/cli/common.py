@@ -11,26 +11,7 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from megatron_danube.errors import DanubeConfigError
-
-# Optional modules -> the extra of this package that installs them.
-EXTRAS = {
-    "safetensors": "hf",
-    "transformers": "hf",
-    "tokenizers": "hf",
-    "zstandard": "data",
-    "pyarrow": "data",
-    "mistral_common": "demo",
-    "transformer_engine": "te",
-}
-
-
-def missing_extra_message(exc: ModuleNotFoundError) -> Optional[str]:
-    top = (exc.name or "").split(".")[0]
-    extra = EXTRAS.get(top)
-    if extra is None:
-        return None
-    return f'this needs the {top} package, which is not installed; pip install -e ".[{extra}]"'
+from megatron_danube.errors import DanubeConfigError, missing_extra_message
 
 
 def run_command(

@@ -29,6 +29,11 @@ def add_arguments(p) -> None:
         help="--to hf: default bfloat16; --to mcore: default the HF weights' dtype",
     )
     p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="--to hf: the tokenizer to export (default: the one the run trained with)",
+    )
+    p.add_argument(
         "--model-preset",
         default=None,
         help="--to hf: the model preset, for checkpoints that do not record it",
@@ -43,7 +48,13 @@ def convert(args) -> int:
         if args.to == "hf":
             from megatron_danube.convert.hf_export import to_hf
 
-            out = to_hf(args.load, args.save, args.dtype or "bfloat16", args.model_preset)
+            out = to_hf(
+                args.load,
+                args.save,
+                args.dtype or "bfloat16",
+                args.model_preset,
+                tokenizer=args.tokenizer,
+            )
         else:
             from megatron_danube.convert.hf_import import to_mcore
 

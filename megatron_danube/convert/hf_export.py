@@ -9,6 +9,7 @@ training tokenizer did.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Optional
@@ -22,29 +23,28 @@ from megatron_danube.convert.checkpoint_io import (
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.config_builder import DTYPES
 
+logger = logging.getLogger(__name__)
 
-def export_tokenizer(spec: Optional[str], tokenizer_type: Optional[str], out_dir: str) -> bool:
+
+def run_tokenizer(spec: Optional[str], tokenizer_type: Optional[str]):
+    """The tokenizer the run trained with, or None where the checkpoint records none.
+
+    One the checkpoint names but this machine cannot load is an error, found before any
+    weight is read: an export without its tokenizer, or with another one, would encode text
+    differently from training.
+    """
     if not spec:
-        return False
-    from megatron_danube.data.tokenizer import load_tokenizer, resolve_tokenizer_path
+        logger.warning("the checkpoint records no tokenizer; the export has none (--tokenizer)")
+        return None
+    from megatron_danube.data.tokenizer import load_tokenizer
 
     try:
-        tok = load_tokenizer(spec, tokenizer_type)
+        return load_tokenizer(spec, tokenizer_type)
     except DanubeConfigError as exc:
-        print(f"convert: tokenizer {spec!r} not exported: {exc}", file=sys.stderr)
-        return False
-    path = resolve_tokenizer_path(spec)
-    if tok.kind == "huggingface":
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(path, local_files_only=True).save_pretrained(out_dir)
-    else:
-        from transformers import LlamaTokenizer
-
-        LlamaTokenizer(
-            vocab_file=tok.path, legacy=True, add_bos_token=True, add_eos_token=False
-        ).save_pretrained(out_dir)
-    return True
+        raise DanubeConfigError(
+            f"the run's tokenizer {spec!r} cannot be loaded here ({exc}); install it or pass "
+            f"--tokenizer PATH"
+        ) from None
 
 
 def to_hf(
@@ -53,6 +53,7 @@ def to_hf(
     dtype: str = "bfloat16",
     preset: Optional[str] = None,
     max_shard_bytes: int = 5 * 2**30,
+    tokenizer: Optional[str] = None,
 ) -> str:
     from safetensors.torch import save_file
 
@@ -63,6 +64,14 @@ def to_hf(
     ckpt = resolve_checkpoint(load)
     state = read_state(ckpt)
     model_cfg = model_config_of(state, preset)
+    if tokenizer is not None:
+        tok = run_tokenizer(tokenizer, None)
+    else:
+        tok = run_tokenizer(state.get("tokenizer"), state.get("tokenizer_type"))
+    if tok is not None and tok.vocab_size > model_cfg.vocab_size:
+        raise DanubeConfigError(
+            f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model {model_cfg.vocab_size}"
+        )
     prepare_output(save)
     weights = load_megatron_weights(ckpt, model_cfg)
     target = DTYPES[dtype]
@@ -99,12 +108,11 @@ def to_hf(
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(save, "config.json"), "w") as f:
         json.dump(hf_config_dict(model_cfg, dtype), f, indent=1)
-    have_tok = export_tokenizer(state.get("tokenizer"), state.get("tokenizer_type"), save)
     gen = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}
-    if have_tok:
-        from megatron_danube.data.tokenizer import load_tokenizer
+    if tok is not None:
+        from megatron_danube.data.hf_tokenizer import save_hf_tokenizer
 
-        tok = load_tokenizer(state["tokenizer"], state.get("tokenizer_type"))
+        save_hf_tokenizer(tok, save, model_max_length=model_cfg.max_position_embeddings)
         gen.update(bos_token_id=tok.bos, eos_token_id=tok.eod)
     with open(os.path.join(save, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=1)

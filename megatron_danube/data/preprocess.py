@@ -28,7 +28,7 @@ import numpy as np
 from megatron_danube.data.indexed import IndexedWriter, dataset_exists, token_dtype
 from megatron_danube.data.sources import Piece, expand_inputs, make_partitions, read_piece
 from megatron_danube.data.tokenizer import load_tokenizer
-from megatron_danube.errors import DanubeConfigError
+from megatron_danube.errors import DanubeConfigError, missing_extra_message
 
 BATCH_LINES = 512
 MAX_REPORTED = 5
@@ -513,8 +513,6 @@ def main(argv=None) -> int:
         _say(f"danube-preprocess: error: {exc}")
         return 2
     except ModuleNotFoundError as exc:
-        from megatron_danube.cli.common import missing_extra_message
-
         if missing_extra_message(exc) is None:
             raise
         _say(f"danube-preprocess: error: {missing_extra_message(exc)}")

@@ -82,7 +82,7 @@ def expand_inputs(inputs: List[str]) -> List[str]:
                 import zstandard  # noqa: F401
             except ImportError:
                 raise DanubeConfigError(
-                    f"--input {f}: .zst needs the zstandard package; pip install zstandard"
+                    f'--input {f}: .zst needs the zstandard package; pip install -e ".[data]"'
                 ) from None
         if file_kind(f) == "parquet":
             try:

@@ -24,7 +24,7 @@ def mistral_v1_model_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise DanubeConfigError(
             "tokenizer 'mistral-v1' comes from the mistral-common package; "
-            "pip install mistral-common (or pass a tokenizer .model path)"
+            'pip install -e ".[demo]" (or pass a tokenizer .model path)'
         )
     path = os.path.join(spec.submodule_search_locations[0], "data", "tokenizer.model.v1")
     if not os.path.isfile(path):
@@ -74,7 +74,7 @@ class HFTokenizer:
             from transformers import AutoTokenizer
         except ImportError:
             raise DanubeConfigError(
-                "HF tokenizer directories need transformers; pip install 'megatron_danube[hf]'"
+                'HF tokenizer directories need transformers; pip install -e ".[hf]"'
             ) from None
         self.path = os.path.abspath(path)
         try:

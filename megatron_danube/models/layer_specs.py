@@ -44,7 +44,7 @@ def resolve_spec(requested: str, device_type: str) -> str:
         if not have_te:
             raise DanubeConfigError(
                 "model.spec=te but transformer_engine is not installed; "
-                "pip install 'megatron_danube[te]' or set model.spec=local"
+                'pip install -e ".[te]" or set model.spec=local'
             )
         if device_type != "cuda":
             raise DanubeConfigError(

@@ -333,7 +333,9 @@ class Trainer:
         self.metrics.write(record, self.state.iteration, prefix="valid")
         logger.info(
             "%s at iter %d: %s",
-            "final validation" if final else "validation",
+            "final validation"
+            if final or self.state.consumed_tokens >= self.job.total_tokens
+            else "validation",
             self.state.iteration,
             ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_")),
         )

@@ -114,11 +114,16 @@ def test_training_checkpoint_at_tp2_to_hf_generates_and_matches(tmp_path, tmp_pa
         convert(["--to", "hf", "--load", str(run_dir), "--save", str(hf_out), "--dtype", "float32"])
         == 0
     )
-    assert (hf_out / "tokenizer_config.json").exists() and (
-        hf_out / "generation_config.json"
-    ).exists()
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(hf_out)  # what a transformers user gets
+    for text in ("The import statement", "  déjà vu\n\tdef f(x):  return x**2  # 🐍", "日本語"):
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text), text
+        assert hf_tok.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+    text = "The import statement combines two operations: it searches for the named module"
+    ids = hf_tok(text, return_tensors="pt").input_ids
+    assert ids[0].tolist() == [tok.bos] + tok.encode(text) and ids.shape[1] >= 16
     model = AutoModelForCausalLM.from_pretrained(hf_out)
-    ids = torch.tensor([[tok.bos] + tok.encode("The import statement")])
     generated = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 8
     result = compare(str(hf_out), str(run_dir), ids)
