@@ -80,10 +80,10 @@ def test_readme_flow_in_a_fresh_environment(tmp_path):
         return proc.stdout + proc.stderr
 
     first = next(shell_lines(readme_section("Set-up: two commands")))
-    out = sh(f"{first} {SIZE_OVERRIDES}")
+    out = sh(f"{first} {SIZE_OVERRIDES}").stdout
     assert "final validation" in out
     for command in shell_lines(readme_section("After the demo")):
-        out = sh(command)
+        out = sh(command).stdout
         if "danube-compare" in command:
             assert "top1_agreement: 1" in out and "tokens: " in out
     export = re.search(r"--save (\S+)", " ".join(shell_lines(readme_section("After the demo"))))
@@ -100,7 +100,8 @@ print(json.dumps({{"ids": ids[0].tolist(), "decoded": tok.decode(ids[0], skip_sp
 """
     import json
 
-    result = json.loads(sh(f"python -c {shlex.quote(check)}").strip().splitlines()[-1])
+    printed = sh(f"python -c {shlex.quote(check)}").stdout.splitlines()
+    result = json.loads(next(line for line in printed if line.startswith("{")))
     from megatron_danube.data.tokenizer import load_tokenizer
 
     sp = load_tokenizer("mistral-v1")

@@ -49,7 +49,9 @@ def baseline(src: str, prefix: str, tokenizer) -> int:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="danube-benchmark-preprocess", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--mb", type=float, default=50.0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--tokenizer-model", default="mistral-v1")

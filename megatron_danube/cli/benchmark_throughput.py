@@ -152,8 +152,19 @@ def hf_runner(model_cfg, device, compiled: bool, autocast_dtype):
     return make_step, (model, optimizer, forward)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    from megatron_danube.logs import setup_logging
+
+    setup_logging()
+    run(argv)
+    return 0
+
+
+def run(argv=None) -> list:
+    """Measure and print the table; returns its rows."""
+    p = argparse.ArgumentParser(
+        prog="danube-benchmark-throughput", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--model", default="danube-1.8b")
     p.add_argument("--seqs", default="2048,8192,16384")
     p.add_argument("--micro-batches", default="8,1,1", help="micro-batch per sequence length")
@@ -175,7 +186,9 @@ def main(argv=None):
     seqs = [int(s) for s in args.seqs.split(",")]
     mbs = [int(m) for m in args.micro_batches.split(",")]
     if len(mbs) != len(seqs):
-        raise SystemExit("--micro-batches needs one value per --seqs entry")
+        raise SystemExit(
+            "danube-benchmark-throughput: error: --micro-batches needs one value per --seqs entry"
+        )
     device = torch.device("cuda" if on_gpu else "cpu")
     peak_dtype = torch.bfloat16 if on_gpu else torch.float32
     peak = matmul_tflops(8192 if on_gpu else 1024, peak_dtype, device)

@@ -327,6 +327,7 @@ class CheckpointManager:
                 iteration,
             )
             return None
+        self._check_disk_space(iteration)
         self.last_saved_iteration = iteration
         name = f"iter_{iteration:07d}"
         final, partial = os.path.join(self.dir, name), os.path.join(self.dir, name + ".partial")
@@ -347,16 +348,51 @@ class CheckpointManager:
         def finalize():
             self._finalize(name, partial, final, state)
 
-        if self._async_queue is not None:
-            request = dist_checkpointing.save(
-                sharded, partial, async_sharded_save=True, validate_access_integrity=True
-            )
-            request.add_finalize_fn(finalize)
-            self._async_queue.schedule_async_request(request)
-        else:
-            dist_checkpointing.save(sharded, partial, validate_access_integrity=True)
-            finalize()
+        try:
+            if self._async_queue is not None:
+                request = dist_checkpointing.save(
+                    sharded, partial, async_sharded_save=True, validate_access_integrity=True
+                )
+                request.add_finalize_fn(finalize)
+                self._async_queue.schedule_async_request(request)
+            else:
+                dist_checkpointing.save(sharded, partial, validate_access_integrity=True)
+                finalize()
+        except Exception as exc:
+            # A half-written save must not keep the disk full; `latest` still names the last
+            # complete checkpoint.
+            shutil.rmtree(partial, ignore_errors=True)
+            free = shutil.disk_usage(self.dir).free / 1e9
+            raise DanubeConfigError(
+                f"saving checkpoint {name} failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); {free:.1f} GB free in "
+                f"{self.dir}; the previous checkpoint is intact"
+            ) from exc
         return final
+
+    def _check_disk_space(self, iteration: int) -> None:
+        """Refuse a save that cannot fit, judged by the size of the last checkpoint."""
+        problem = ""
+        if dist.get_rank() == 0:
+            previous = checkpoint_names(self.dir)
+            if previous:
+                folder = os.path.join(self.dir, previous[-1])
+                needed = sum(
+                    os.path.getsize(os.path.join(folder, n)) for n in manifest.list_files(folder)
+                )
+                free = shutil.disk_usage(self.dir).free
+                if free < needed * 1.05:
+                    problem = (
+                        f"not enough disk space to save iteration {iteration}: {free / 1e9:.2f} "
+                        f"GB free in {self.dir}, the last checkpoint took {needed / 1e9:.2f} GB; "
+                        f"free some space (checkpoint.keep_last also bounds what is kept)"
+                    )
+        if dist.is_initialized():
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem:
+            raise DanubeConfigError(problem)
 
     def _finalize(self, name: str, partial: str, final: str, state: dict) -> None:
         """State file, manifest (checksums read back from disk, spread over the ranks),

@@ -256,7 +256,7 @@ class Trainer:
         s, train = self.state, self.cfg.train
         if s.bad_steps_in_row >= train.max_bad_steps:
             self.exit_code = 1
-            return f"{s.bad_steps_in_row} non-finite losses in a row"
+            return f"{s.bad_steps_in_row} non-finite steps in a row (loss or gradients)"
         if train.exit_after_steps and steps_this_run >= train.exit_after_steps:
             return f"exit_after_steps={train.exit_after_steps}"
         return None

@@ -170,3 +170,39 @@ def test_manifest_lists_every_file_with_size_and_checksum(single_rank, tmp_path)
     assert all(e["size"] == os.path.getsize(os.path.join(path, n)) for n, e in entries.items())
     (tmp_path / "checkpoints" / "iter_0000001" / "stray.bin").write_bytes(b"x")
     assert "stray.bin is not in the manifest" in manifest.verify_folder(path)
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(single_rank, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    chunks, opt = _build(0)
+    _step(chunks, opt, 0)
+    manager = CheckpointManager(str(tmp_path))
+    first = manager.save(1, chunks, opt, {"iteration": 1, "consumed_tokens": 32})
+    usage = shutil_module.disk_usage(str(tmp_path))
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(DanubeConfigError, match="not enough disk space to save iteration 2"):
+        manager.save(2, chunks, opt, {"iteration": 2, "consumed_tokens": 64})
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["iter_0000001", "latest"]
+    assert manager.latest() == first
+
+
+def test_a_failed_write_leaves_no_partial_and_keeps_latest(single_rank, tmp_path, monkeypatch):
+    import errno
+
+    from megatron_danube.training import checkpointing
+
+    chunks, opt = _build(0)
+    _step(chunks, opt, 0)
+    manager = CheckpointManager(str(tmp_path))
+    first = manager.save(1, chunks, opt, {"iteration": 1, "consumed_tokens": 32})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", disk_full)
+    with pytest.raises(DanubeConfigError, match="No space left on device") as e:
+        manager.save(2, chunks, opt, {"iteration": 2, "consumed_tokens": 64})
+    assert "\n" not in str(e.value) and "the previous checkpoint is intact" in str(e.value)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["iter_0000001", "latest"]
+    assert manager.latest() == first
