@@ -77,7 +77,7 @@ def test_readme_flow_in_a_fresh_environment(tmp_path):
             timeout=timeout,
         )
         assert proc.returncode == 0, f"$ {command}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
-        return proc.stdout + proc.stderr
+        return proc
 
     first = next(shell_lines(readme_section("Set-up: two commands")))
     out = sh(f"{first} {SIZE_OVERRIDES}").stdout
@@ -94,7 +94,7 @@ tok = AutoTokenizer.from_pretrained({export.group(1)!r})
 model = AutoModelForCausalLM.from_pretrained({export.group(1)!r})
 text = "A generator function returns an iterator; the yield statement pauses it."
 ids = tok(text, return_tensors="pt").input_ids
-out = model.generate(ids, max_new_tokens=8, do_sample=False)
+out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
 print(json.dumps({{"ids": ids[0].tolist(), "decoded": tok.decode(ids[0], skip_special_tokens=True),
                   "new": out[0, ids.shape[1]:].tolist()}}))
 """
