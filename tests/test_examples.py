@@ -96,19 +96,14 @@ def test_example_tiny_cpu_demo_config_is_the_readme_default(tmp_path, corpus):
 
 
 def test_examples_continue_from_hf_then_convert_to_hf(tmp_path, corpus):
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
-    from megatron_danube.models.hf_adapter import hf_config_dict
+    from megatron_danube.models.hf_adapter import mistral_config
     from megatron_danube.models.presets import get_preset
 
-    cfg = {
-        k: v
-        for k, v in hf_config_dict(get_preset("danube-tiny"), "float32").items()
-        if k not in ("architectures", "model_type", "torch_dtype")
-    }
     torch.manual_seed(0)
     hf_dir = tmp_path / "released-hf"
-    released = MistralForCausalLM(MistralConfig(**cfg))
+    released = MistralForCausalLM(mistral_config(get_preset("danube-tiny")))
     with torch.no_grad():  # a fingerprint: confident logits no fresh init would give
         released.lm_head.weight.mul_(50)
     released.save_pretrained(hf_dir)

@@ -112,18 +112,11 @@ def plugin_runner(model_cfg, params_dtype: str):
 
 
 def hf_runner(model_cfg, device, compiled: bool, autocast_dtype):
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
-    from megatron_danube.models.hf_adapter import hf_config_dict
+    from megatron_danube.models.hf_adapter import mistral_config
 
-    cfg = {
-        k: v
-        for k, v in hf_config_dict(model_cfg, "float32").items()
-        if k not in ("architectures", "model_type", "torch_dtype")
-    }
-    hf_config = MistralConfig(**cfg)
-    hf_config._attn_implementation = "sdpa"
-    model = MistralForCausalLM(hf_config).to(device)
+    model = MistralForCausalLM(mistral_config(model_cfg)).to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=1e-4,

@@ -306,3 +306,17 @@ def model_config_from_hf(cfg: dict, name: str = "from-hf") -> DanubeModelConfig:
         norm_eps=cfg.get("rms_norm_eps", 1e-5),
         init_method_std=cfg.get("initializer_range", 0.02),
     )
+
+
+def mistral_config(model: DanubeModelConfig, attn_implementation: str = "sdpa"):
+    """A transformers `MistralConfig` for this model (HF's own model, for comparisons)."""
+    from transformers import MistralConfig
+
+    fields = {
+        k: v
+        for k, v in hf_config_dict(model, "float32").items()
+        if k not in ("architectures", "model_type", "torch_dtype")  # file-level, not arguments
+    }
+    config = MistralConfig(**fields)
+    config._attn_implementation = attn_implementation
+    return config

@@ -166,9 +166,11 @@ def initialize(
     device: str = "auto",
     seq_length: Optional[int] = None,
     timeout_minutes: int = 30,
+    checked: Optional[tuple] = None,
 ) -> Runtime:
-    """Validate the layout, then init torch.distributed and megatron's parallel groups."""
-    launch, device_type, resolved_spec = check_layout(
+    """Validate the layout (unless `checked`, check_layout's answer, is passed), then init
+    torch.distributed and megatron's parallel groups."""
+    launch, device_type, resolved_spec = checked or check_layout(
         model, layout, spec=spec, device=device, seq_length=seq_length
     )
     if device_type == "cuda":

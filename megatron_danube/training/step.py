@@ -25,16 +25,12 @@ def wrap_with_ddp(
     *,
     use_distributed_optimizer: bool,
     overlap_grad_reduce: bool = False,
-    check_for_nan_in_grad: bool = False,
-    bucket_size: Optional[int] = None,
 ) -> List[DistributedDataParallel]:
     """Megatron DDP around each chunk, and the config hooks the schedules call."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
-        check_for_nan_in_grad=check_for_nan_in_grad,
-        bucket_size=bucket_size,
     )
     wrapped = [
         DistributedDataParallel(

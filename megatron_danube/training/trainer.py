@@ -121,6 +121,7 @@ class Trainer:
             spec=cfg.model.spec,
             device=cfg.train.device,
             seq_length=self.job.max_seq_length,
+            checked=getattr(self.job, "checked_layout", None),
         )
         self.lock = RunDirLock(cfg.run_dir, self.rt.is_main)
         if self.rt.is_main:

@@ -15,13 +15,13 @@ pytestmark = pytest.mark.gpu
 def models():
     import os
 
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
     from megatron_danube.config import ParallelLayout, PrecisionConfig
     from megatron_danube.models.builder import build_model_chunks
     from megatron_danube.models.config_builder import build_transformer_config
     from megatron_danube.models.full_weights import full_named_parameters
-    from megatron_danube.models.hf_adapter import hf_config_dict, mcore_to_hf
+    from megatron_danube.models.hf_adapter import mcore_to_hf, mistral_config
     from megatron_danube.models.presets import get_preset
     from megatron_danube.runtime.distributed import initialize
     from tests.conftest import free_port
@@ -37,14 +37,7 @@ def models():
         precision=PrecisionConfig(params_dtype="bfloat16"),
     )
     ours = build_model_chunks(model, config, "local", rt.device)[0]
-    hf_cfg = MistralConfig(
-        **{
-            k: v
-            for k, v in hf_config_dict(model).items()
-            if k not in ("architectures", "model_type", "torch_dtype")
-        }
-    )
-    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg = mistral_config(model)
     with torch.device("cuda"):
         hf = MistralForCausalLM(hf_cfg).to(torch.bfloat16)
     hf.load_state_dict(mcore_to_hf(full_named_parameters(ours), model), strict=True)

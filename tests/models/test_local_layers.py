@@ -84,13 +84,13 @@ def test_rmsnorm_matches_hf_mistral_rmsnorm(single_rank):
 
 
 def _megatron_and_hf(single_rank, attn_implementation):
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
     from megatron_danube.config import ParallelLayout
     from megatron_danube.models.builder import build_model_chunks
     from megatron_danube.models.config_builder import build_transformer_config
     from megatron_danube.models.full_weights import full_named_parameters
-    from megatron_danube.models.hf_adapter import hf_config_dict, mcore_to_hf
+    from megatron_danube.models.hf_adapter import mcore_to_hf, mistral_config
     from megatron_danube.models.presets import get_preset
 
     model = get_preset("danube-test")
@@ -102,14 +102,7 @@ def _megatron_and_hf(single_rank, attn_implementation):
         for name, p in chunks[0].named_parameters():
             if "layernorm" in name:
                 p.uniform_(0.5, 1.5)
-    hf_cfg = MistralConfig(
-        **{
-            k: v
-            for k, v in hf_config_dict(model, "float32").items()
-            if k not in ("architectures", "model_type", "torch_dtype")
-        }
-    )
-    hf_cfg._attn_implementation = attn_implementation
+    hf_cfg = mistral_config(model, attn_implementation)
     hf = MistralForCausalLM(hf_cfg).eval()
     hf.load_state_dict(mcore_to_hf(full_named_parameters(chunks[0]), model), strict=True)
     return model, chunks[0].eval(), hf

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-import warnings
 
-warnings.filterwarnings("ignore")
+from megatron_danube.logs import setup_logging
+
+setup_logging()  # known warnings filtered by message and module, as in the trainer
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -63,7 +64,7 @@ def data_iterators(step: int, dp_rank: int, dp_size: int, num_chunks: int):
     return [iter(list(micro)) for _ in range(num_chunks)], len(micro)
 
 
-def setup(layout: ParallelLayout, distributed_optimizer: bool, with_optimizer: bool):
+def setup(layout: ParallelLayout):
     rt = initialize(MODEL, layout, seed=1234, spec="local")
     config = build_transformer_config(MODEL, layout, spec=rt.spec, device_type=rt.device.type)
     chunks = build_model_chunks(MODEL, config, rt.spec, rt.device)
@@ -81,7 +82,7 @@ def wrap(config, chunks, distributed_optimizer, with_optimizer):
 
 def run(layout, full_weights, *, reference, distributed_optimizer=False, steps=0, gated=True):
     """Return (losses per step, local (name, param or grad, ref-able tensor) after the run)."""
-    rt, config, chunks = setup(layout, distributed_optimizer, steps > 0)
+    rt, config, chunks = setup(layout)
     if full_weights is not None:
         load_full_weights(chunks, full_weights, gated=gated)
     ddp, optimizer = wrap(config, chunks, distributed_optimizer, steps > 0)

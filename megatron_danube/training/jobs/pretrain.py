@@ -40,7 +40,7 @@ def check_run_dir(run_dir: str) -> None:
 def check_config(cfg: RunConfig):
     """Everything that can be checked before a process group or any data exists.
 
-    Returns (model config, planned stages, tokenizer).
+    Returns (model config, planned stages, tokenizer, the layout check's answer).
     """
     from megatron_danube.data.datasets import check_prefixes, parse_blend
     from megatron_danube.data.tokenizer import load_tokenizer
@@ -49,9 +49,10 @@ def check_config(cfg: RunConfig):
 
     model = get_preset(cfg.model.preset).replace(**cfg.model.overrides)
     max_seq = max(stage.seq_length for stage in cfg.stages)
-    launch, device_type, _ = check_layout(
+    checked = check_layout(
         model, cfg.parallel, spec=cfg.model.spec, device=cfg.train.device, seq_length=max_seq
     )
+    launch, device_type, _ = checked
     stages = plan_stages(cfg, cfg.parallel.data_parallel(launch.world_size), max_seq)
     check_run_dir(cfg.run_dir)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
@@ -74,7 +75,7 @@ def check_config(cfg: RunConfig):
         raise DanubeConfigError("precision.params_dtype=float16 needs a GPU; use float32 on CPU")
     if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
         raise DanubeConfigError(f"checkpoint.load={cfg.checkpoint.load} is not a directory")
-    return model, stages, tokenizer
+    return model, stages, tokenizer, checked
 
 
 def _check_split(split: str) -> None:
@@ -95,8 +96,9 @@ class PretrainJob:
     forward_step = staticmethod(lm_forward_step)
     report_sizes = LM_REPORTS
 
-    def __init__(self, cfg: RunConfig, model_cfg, stages: List[Stage], tokenizer):
+    def __init__(self, cfg: RunConfig, model_cfg, stages: List[Stage], tokenizer, checked=None):
         self.cfg, self.model_cfg, self.stages, self.tokenizer = cfg, model_cfg, stages, tokenizer
+        self.checked_layout = checked  # check_layout's answer, so start-up validates once
         self.total_tokens = cfg.train.train_tokens
         self.max_seq_length = max(s.seq_length for s in stages)
         self.current = None
@@ -211,5 +213,5 @@ class PretrainJob:
 
 def build(cfg: RunConfig) -> Tuple[PretrainJob, object]:
     """(job, model config) after every up-front check."""
-    model_cfg, stages, tokenizer = check_config(cfg)
-    return PretrainJob(cfg, model_cfg, stages, tokenizer), model_cfg
+    model_cfg, stages, tokenizer, checked = check_config(cfg)
+    return PretrainJob(cfg, model_cfg, stages, tokenizer, checked), model_cfg
