@@ -18,6 +18,7 @@ BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "m
 missing = [b for b in BINARIES if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
 pytestmark = [
     pytest.mark.slurm,
+    pytest.mark.slow,  # submits training jobs
     pytest.mark.skipif(
         bool(missing) or os.geteuid() != 0,
         reason=f"local SLURM unavailable (missing {missing} or not root); "
