@@ -6,4 +6,4 @@ import warnings
 # and the no-TE GPU path); that is expected here, and the fallback is reported where it matters.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -4,8 +4,7 @@ megatron-core assumes CUDA in a few dozen places. Everything needed to run it on
 the gloo backend lives in this module, and `apply()` is only ever called when the run's device
 is the CPU: the GPU path never imports a patched function.
 
-What is patched, and why (each was hit by a real code path; see
-shared/notes/megatron-core-0.16-on-cpu.md):
+What is patched, and why (each was hit by a real code path):
 
 * tensor factories (`torch.zeros/ones/empty/full/tensor/arange/...`) called with
   `device="cuda"` or an integer device (pipeline schedules' token counters, clip_grads,
