@@ -31,7 +31,7 @@ TokenizerTypeChoice = Literal[
 class ModelSection:
     """Which model to build."""
 
-    preset: str = "danube-tiny"
+    preset: str = "danube-1.8b"
     """Registered preset: `danube-1.8b`, `danube2-1.8b`, `danube-tiny` or `danube-test`."""
     spec: SpecChoice = "auto"
     """`te` (Transformer Engine), `local` (pure PyTorch), `auto`: TE on a GPU where installed."""

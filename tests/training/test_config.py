@@ -132,6 +132,11 @@ def test_empty_yaml_uses_working_defaults(tmp_path):
     cfg = load_config(str(empty))
     stages = plan_stages(cfg, data_parallel=1, max_seq_length=16384)  # the defaults agree
     assert stages[0].start_tokens == 0 and cfg.optim.warmup_tokens < cfg.train.train_tokens
+    from megatron_danube.training.jobs.pretrain import check_config
+
+    # the only thing an empty config lacks is the data, and that is what the error names
+    with pytest.raises(DanubeConfigError, match="data.blend is empty"):
+        check_config(load_config(str(empty), [f"run_dir={tmp_path / 'run'}"]))
 
 
 def test_resolved_config_round_trips(tmp_path):

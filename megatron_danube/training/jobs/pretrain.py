@@ -64,7 +64,10 @@ def check_config(cfg: RunConfig):
     _check_split(cfg.data.split)
     missing_ok = {cfg.data.demo_corpus_prefix} if cfg.data.demo_corpus_prefix else set()
     for stage in stages:
-        prefixes, _ = parse_blend(list(stage.blend), f"blend of stage {stage.index}")
+        own = cfg.stages[stage.index].blend is not None
+        prefixes, _ = parse_blend(
+            list(stage.blend), f"stages[{stage.index}].blend" if own else "data.blend"
+        )
         check_prefixes([p for p in prefixes if p not in missing_ok])
     if not cfg.optim.warmup_tokens < cfg.train.train_tokens:
         raise DanubeConfigError(
