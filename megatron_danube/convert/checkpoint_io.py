@@ -29,30 +29,17 @@ def init_single_rank(model_cfg) -> None:
     from megatron.core import parallel_state
 
     from megatron_danube.config import ParallelLayout
-    from megatron_danube.runtime.distributed import initialize
+    from megatron_danube.runtime.distributed import initialize, initialize_single_process
 
     if parallel_state.model_parallel_is_initialized() and (
         parallel_state.get_tensor_model_parallel_world_size() == 1
         and parallel_state.get_pipeline_model_parallel_world_size() == 1
     ):
         return
-    saved = dict(os.environ)
-    if not dist.is_initialized():
-        for var in (
-            "RANK",
-            "WORLD_SIZE",
-            "LOCAL_RANK",
-            "SLURM_PROCID",
-            "SLURM_NTASKS",
-            "MASTER_ADDR",
-            "MASTER_PORT",
-        ):
-            os.environ.pop(var, None)  # a single process: a free local port is picked
-    try:
+    if dist.is_initialized():  # a caller's process group: only megatron's groups are made
         initialize(model_cfg, ParallelLayout(), spec="local", device="cpu")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    else:
+        initialize_single_process(model_cfg)
 
 
 def resolve_checkpoint(path: str) -> str:

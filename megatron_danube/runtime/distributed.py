@@ -209,6 +209,29 @@ def initialize(
     return Runtime(launch=launch, device=torch_device, spec=resolved_spec, layout=layout)
 
 
+def all_ranks_agree(ok, device=None) -> bool:
+    """True when `ok` (a bool, or a bool tensor on `device`) holds on every rank.
+
+    One all-reduce and one host sync, whatever the number of ranks.
+    """
+    flag = torch.as_tensor(ok, device=device).to(torch.float32).reshape(1)
+    if device is None and dist.is_initialized() and dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def raise_rank0_problem(problem: str) -> None:
+    """Raise rank 0's one-line `problem` (empty: none) on every rank, so all stop together."""
+    if dist.is_initialized():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise DanubeConfigError(problem)
+
+
 LAUNCHER_VARS = (
     "RANK",
     "WORLD_SIZE",

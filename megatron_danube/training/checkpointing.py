@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_danube.config.sections import CheckpointSection
 from megatron_danube.errors import DanubeConfigError
+from megatron_danube.runtime.distributed import all_ranks_agree, raise_rank0_problem
 from megatron_danube.training import manifest
 
 logger = logging.getLogger(__name__)
@@ -184,21 +185,10 @@ def read_train_state(path: str) -> dict:
     return state
 
 
-def _all_ranks_agree(ok: bool) -> bool:
-    """True when `ok` holds on every rank."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0])
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def weights_are_finite(chunks) -> bool:
     """Whether every parameter on every rank is finite."""
     ok = all(bool(torch.isfinite(p).all()) for chunk in chunks for p in chunk.parameters())
-    return _all_ranks_agree(ok)
+    return all_ranks_agree(ok)
 
 
 def read_pointer(folder: str) -> Optional[str]:
@@ -277,7 +267,6 @@ class CheckpointManager:
         self.cfg = cfg
         self.keep_last = max(1, cfg.keep_last)
         self.last_saved_iteration: Optional[int] = None
-        start_writer_helpers_immune_to_signals()
         self._async_queue = None
         if cfg.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -328,6 +317,7 @@ class CheckpointManager:
             )
             return None
         self._check_disk_space(iteration)
+        start_writer_helpers_immune_to_signals()  # before megatron's writer first starts it
         self.last_saved_iteration = iteration
         name = f"iter_{iteration:07d}"
         final, partial = os.path.join(self.dir, name), os.path.join(self.dir, name + ".partial")
@@ -387,12 +377,7 @@ class CheckpointManager:
                         f"GB free in {self.dir}, the last checkpoint took {needed / 1e9:.2f} GB; "
                         f"free some space (checkpoint.keep_last also bounds what is kept)"
                     )
-        if dist.is_initialized():
-            box = [problem]
-            dist.broadcast_object_list(box, src=0)
-            problem = box[0]
-        if problem:
-            raise DanubeConfigError(problem)
+        raise_rank0_problem(problem)
 
     def _finalize(self, name: str, partial: str, final: str, state: dict) -> None:
         """State file, manifest (checksums read back from disk, spread over the ranks),

@@ -13,9 +13,7 @@ import os
 import socket
 import time
 
-import torch.distributed as dist
-
-from megatron_danube.errors import DanubeConfigError
+from megatron_danube.runtime.distributed import raise_rank0_problem
 
 LOCK_FILE = ".lock"
 
@@ -26,12 +24,7 @@ class RunDirLock:
         problem = ""
         if is_main:
             problem = self._acquire(run_dir)
-        if dist.is_initialized():  # every rank stops together when rank 0 could not lock
-            box = [problem]
-            dist.broadcast_object_list(box, src=0)
-            problem = box[0]
-        if problem:
-            raise DanubeConfigError(problem)
+        raise_rank0_problem(problem)  # every rank stops together when rank 0 could not lock
 
     def _acquire(self, run_dir: str) -> str:
         os.makedirs(run_dir, exist_ok=True)

@@ -141,14 +141,14 @@ def grads_are_finite(chunks: List[DistributedDataParallel]) -> bool:
     Megatron's bf16/fp32 optimizers step on NaN gradients without a word; checking the grad
     buffers after the reduction catches a NaN from any rank, micro-batch or pipeline stage.
     """
-    ok = True
+    from megatron_danube.runtime.distributed import all_ranks_agree
+
+    device = next(chunks[0].parameters()).device
+    ok = torch.ones((), dtype=torch.bool, device=device)
     for chunk in chunks:
         for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", []):
-            ok = ok and bool(torch.isfinite(buffer.grad_data).all())
-    device = next(chunks[0].parameters()).device
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+            ok &= torch.isfinite(buffer.grad_data).all()  # stays on the device: no sync here
+    return all_ranks_agree(ok, device)
 
 
 def train_step(

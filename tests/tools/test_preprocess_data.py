@@ -47,8 +47,8 @@ def read_docs(prefix):
     ]
 
 
-def run(*args):
-    return preprocess(["--no-progress", "--tokenizer-model", "mistral-v1", *map(str, args)])
+def run(*args, tokenizer="mistral-v1"):
+    return preprocess(["--no-progress", "--tokenizer-model", str(tokenizer), *map(str, args)])
 
 
 def test_round_trip_equals_the_tokenizers_own_encoding(tmp_path, tok, docs):
@@ -203,20 +203,7 @@ def test_unreadable_tokenizer_file_is_one_line_error(tmp_path, capsys):
     bogus = tmp_path / "tok.model"
     bogus.write_bytes(b"not a sentencepiece model")
     src = write_jsonl(tmp_path / "in.jsonl", ["a"])
-    assert (
-        preprocess(
-            [
-                "--no-progress",
-                "--input",
-                src,
-                "--output-prefix",
-                str(tmp_path / "o"),
-                "--tokenizer-model",
-                str(bogus),
-            ]
-        )
-        == 2
-    )
+    assert run("--input", src, "--output-prefix", tmp_path / "o", tokenizer=bogus) == 2
     assert "is not a readable SentencePiece model" in capsys.readouterr().err
 
 
@@ -294,26 +281,15 @@ def test_split_sentences_falls_back_to_untrained_punkt(tmp_path, caplog, monkeyp
 
 
 def test_hf_tokenizer_directory(tmp_path, tok):
-    from transformers import LlamaTokenizer
-
+    from megatron_danube.data.hf_tokenizer import save_hf_tokenizer
     from megatron_danube.data.tokenizer import mistral_v1_model_path
 
     hf_dir = tmp_path / "hf_tok"
-    LlamaTokenizer(vocab_file=mistral_v1_model_path(), legacy=True).save_pretrained(hf_dir)
+    # a working HF tokenizer directory: the one the HF export writes for this model
+    save_hf_tokenizer(load_tokenizer(mistral_v1_model_path()), str(hf_dir))
     src = write_jsonl(tmp_path / "in.jsonl", ["Hello world.", "Second document here."])
     assert (
-        preprocess(
-            [
-                "--no-progress",
-                "--input",
-                src,
-                "--output-prefix",
-                str(tmp_path / "o"),
-                "--tokenizer-model",
-                str(hf_dir),
-                "--append-eod",
-            ]
-        )
+        run("--input", src, "--output-prefix", tmp_path / "o", "--append-eod", tokenizer=hf_dir)
         == 0
     )
     hf = load_tokenizer(str(hf_dir))
@@ -321,6 +297,7 @@ def test_hf_tokenizer_directory(tmp_path, tok):
         hf.encode("Hello world.") + [hf.eod],
         hf.encode("Second document here.") + [hf.eod],
     ]
+    assert hf.encode("Hello world.") == tok.encode("Hello world.")  # a real tokenizer, not [1]
 
 
 @pytest.mark.slow  # launches processes
