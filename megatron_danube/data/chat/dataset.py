@@ -1,0 +1,169 @@
+"""Tokenized chat samples: built once per (data, tokenizer, template, sequence length), cached.
+
+The cache file's name is a hash of the JSONL files' bytes and of everything the encoding
+depends on (`ChatEncoder.identity`), so an edited file or another template never reuses stale
+ids. Counts of what was skipped or cut are kept with the samples and reported at every start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from megatron_danube.data.chat.encoder import ChatEncoder, EncodedSample, SampleError
+from megatron_danube.data.chat.records import BadRecords, messages_of, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class ChatSamples:
+    """Samples stored flat: sample i is `[offsets[i], offsets[i + 1])` of each array."""
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    loss_mask: np.ndarray
+    offsets: np.ndarray
+    stats: dict
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[a:b], self.labels[a:b], self.loss_mask[a:b]
+
+    def subset(self, indices: np.ndarray) -> ChatSamples:
+        parts = [self.sample(int(i)) for i in indices]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(p[0]) for p in parts])
+        cat = [np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in range(3)]
+        return ChatSamples(cat[0].astype(np.int32), cat[1].astype(np.int32), cat[2], offsets, {})
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(
+            tmp,
+            tokens=self.tokens,
+            labels=self.labels,
+            loss_mask=self.loss_mask,
+            offsets=self.offsets,
+            stats=np.frombuffer(json.dumps(self.stats).encode(), dtype=np.uint8),
+        )
+        os.replace(tmp, path)  # readers never see a half-written cache
+
+    @classmethod
+    def load(cls, path: str) -> ChatSamples:
+        with np.load(path) as z:
+            stats = json.loads(z["stats"].tobytes().decode())
+            return cls(z["tokens"], z["labels"], z["loss_mask"], z["offsets"], stats)
+
+
+def files_digest(paths: List[str]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(paths: List[str], encoder: ChatEncoder, kind: str = "sft") -> str:
+    identity = hashlib.sha256(encoder.identity().encode()).hexdigest()
+    return hashlib.sha256(
+        f"v{CACHE_VERSION}|{kind}|{files_digest(paths)}|{identity}".encode()
+    ).hexdigest()[:20]
+
+
+def concatenate_samples(parts: List[EncodedSample], stats: dict) -> ChatSamples:
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in parts])
+
+    def cat(name, dtype):
+        arrays = [getattr(p, name) for p in parts]
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype=dtype)
+
+    return ChatSamples(
+        cat("tokens", np.int32), cat("labels", np.int32), cat("loss_mask", np.uint8), offsets, stats
+    )
+
+
+def encode_files(paths: List[str], encoder: ChatEncoder, what: str) -> ChatSamples:
+    """Read, render, tokenize and mask every record; bad ones are counted and skipped."""
+    bad = BadRecords()
+    parts: List[EncodedSample] = []
+    stats = {"records": 0, "bad_records": 0, "no_supervised_tokens": 0, "truncated": 0}
+    for path, number, record in read_jsonl(paths, bad):
+        stats["records"] += 1
+        try:
+            sample = encoder.encode(messages_of(record))
+        except SampleError as exc:
+            bad.add(f"{path}:{number}", str(exc))
+            continue
+        stats["truncated"] += int(sample.truncated)
+        if sample.supervised == 0:
+            # e.g. left truncation cut every assistant token: nothing would be learned
+            stats["no_supervised_tokens"] += 1
+            continue
+        parts.append(sample)
+    rejected_records = stats["records"] - len(parts) - stats["no_supervised_tokens"]
+    stats["records"] += bad.count - rejected_records  # lines that were not even JSON
+    stats["bad_records"] = bad.count
+    stats["bad_examples"] = bad.examples
+    samples = concatenate_samples(parts, stats)
+    stats.update(samples=len(samples), tokens=int(samples.offsets[-1]))
+    stats["supervised"] = int(samples.loss_mask.sum())
+    return samples
+
+
+def load_or_build(
+    paths: List[str],
+    encoder: ChatEncoder,
+    cache_dir: str,
+    what: str,
+    build: bool,
+    kind: str = "sft",
+) -> Tuple[Optional[ChatSamples], str]:
+    """(samples, cache path). With `build`, encode and write the cache when it is missing;
+    without, only read it (other ranks, after the builder). `kind`: `sft` conversations or
+    `dpo` preference pairs."""
+    path = os.path.join(cache_dir, f"{kind}-{cache_key(paths, encoder, kind)}.npz")
+    if os.path.exists(path):
+        return ChatSamples.load(path), path
+    if not build:
+        return None, path
+    os.makedirs(cache_dir, exist_ok=True)
+    if kind == "dpo":
+        from megatron_danube.data.chat.preference import encode_pair_files
+
+        samples = encode_pair_files(paths, encoder, what)
+    else:
+        samples = encode_files(paths, encoder, what)
+    samples.save(path)
+    return samples, path
+
+
+def describe(stats: dict) -> str:
+    """One line of counts; the first bad records (file:line: reason) when there were any."""
+    text = (
+        f"{stats.get('samples', 0):,} samples, {stats.get('tokens', 0):,} tokens "
+        f"({stats.get('supervised', 0):,} supervised); skipped {stats.get('bad_records', 0)} bad "
+        f"record(s) and {stats.get('no_supervised_tokens', 0)} without a supervised token; "
+        f"{stats.get('truncated', 0)} truncated"
+    )
+    if stats.get("bad_examples"):
+        text += "; first bad: " + "; ".join(stats["bad_examples"])
+    return text

@@ -1,0 +1,173 @@
+"""Conversation -> token ids, labels and a loss mask, the way inference will see the text.
+
+The whole conversation is rendered by the chat template and tokenized once, with the HF
+`tokenizers` pipeline the export writes (`tokenizer.json`), so the ids equal what
+`apply_chat_template` gives on the exported tokenizer; tokenizing turn by turn would not (a
+piece can merge across a turn boundary, and SentencePiece's dummy prefix would be added to
+every chunk). Which tokens an assistant wrote is found by rendering prefixes of the
+conversation: the text up to the generation prompt before an assistant turn, and up to the end
+of that turn (its closing `</s>` included). Tokens are supervised by *position* (their character
+span falls in such a range), never by token value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from megatron_danube.data.chat.template import ChatTemplate, TemplateError
+from megatron_danube.errors import DanubeConfigError
+
+
+@dataclass
+class EncodedSample:
+    """One conversation, ready to pack: `labels[t]` is `tokens[t + 1]` of the same sample."""
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    loss_mask: np.ndarray
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def supervised(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+class SampleError(ValueError):
+    """A record that renders or tokenizes badly; reported as `file:line` and skipped."""
+
+
+def chat_backend(tokenizer):
+    """The `tokenizers.Tokenizer` and special-token strings an HF export of `tokenizer` has."""
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        raise DanubeConfigError(
+            'chat fine-tuning needs the tokenizers package; pip install -e ".[hf]"'
+        ) from None
+    if tokenizer.kind == "sentencepiece":
+        from megatron_danube.data.hf_tokenizer import (
+            _load_proto,
+            _special_tokens_map,
+            build_backend,
+        )
+
+        proto = _load_proto(tokenizer.path)
+        return build_backend(proto), _special_tokens_map(proto)
+    if tokenizer.kind == "huggingface":
+        hf = tokenizer._tok
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:
+            raise DanubeConfigError(
+                f"{tokenizer.path}: chat fine-tuning needs a fast tokenizer (tokenizer.json)"
+            )
+        names = ("bos_token", "eos_token", "unk_token", "pad_token")
+        return backend, {n: getattr(hf, n, None) for n in names}
+    raise DanubeConfigError(f"tokenizer kind {tokenizer.kind!r} cannot be used for chat data")
+
+
+class ChatEncoder:
+    """Renders, tokenizes and masks conversations (lists of {role, content} dicts)."""
+
+    def __init__(self, tokenizer, template: str, seq_length: int, truncation: str = "left"):
+        # seq_length: the longest sample kept (longer ones are truncated)
+        self.backend, special = chat_backend(tokenizer)
+        self.template = ChatTemplate(template, special)
+        self.seq_length = seq_length
+        self.truncation = truncation
+        self.eos_id = tokenizer.eod
+        self.bos_id = getattr(tokenizer, "bos", None)
+
+    def identity(self) -> str:
+        """What the encoding depends on besides the data (for cache keys)."""
+        return "\n".join(
+            [self.backend.to_str(), self.template.source, str(self.seq_length), self.truncation]
+        )
+
+    def render(self, messages: List[dict], add_generation_prompt: bool = False) -> str:
+        try:
+            return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        except TemplateError as exc:
+            raise SampleError(f"chat template refused the conversation: {exc}") from None
+
+    def assistant_spans(
+        self, messages: List[dict], text: str, first: int = 0
+    ) -> List[Tuple[int, int]]:
+        """Character ranges of what each assistant turn from message `first` on wrote (content
+        and closing tokens)."""
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant" or i < first:
+                continue
+            start = self.render(messages[:i], add_generation_prompt=True)
+            end = self.render(messages[: i + 1])
+            if not (text.startswith(start) and text.startswith(end) and len(start) <= len(end)):
+                raise SampleError(
+                    "the chat template renders a conversation's prefix differently from the "
+                    "whole conversation, so assistant turns cannot be located"
+                )
+            spans.append((len(start), len(end)))
+        return spans
+
+    def encode_ids(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    def encode(self, messages: List[dict], supervise_from: int = 0) -> EncodedSample:
+        """`supervise_from`: only assistant turns at or after this message index are trained
+        (a preference pair's completion, not the earlier turns of its prompt)."""
+        text = self.render(messages)
+        spans = self.assistant_spans(messages, text, supervise_from)
+        ids, offsets = self.encode_ids(text)
+        if len(ids) < 2:
+            raise SampleError("the conversation renders to fewer than 2 tokens")
+        written = np.zeros(len(ids), dtype=bool)
+        for index, (a, b) in enumerate(offsets):
+            # A token is the assistant's when its characters overlap one of the spans; a piece
+            # merged across the boundary of a span counts as the assistant's.
+            written[index] = any((a < e and b > s) or (a == b and s <= a < e) for s, e in spans)
+        tokens = np.asarray(ids, dtype=np.int32)
+        return self._shift_and_truncate(tokens, written)
+
+    def _shift_and_truncate(self, tokens: np.ndarray, written: np.ndarray) -> EncodedSample:
+        labels = np.empty_like(tokens)
+        labels[:-1] = tokens[1:]
+        labels[-1] = self.eos_id  # never trained on: the mask below is 0 there
+        loss_mask = np.zeros(len(tokens), dtype=np.uint8)
+        loss_mask[:-1] = written[1:]  # position t is trained when token t + 1 is the assistant's
+        truncated = len(tokens) > self.seq_length
+        if truncated:
+            keep = (
+                slice(-self.seq_length, None)
+                if self.truncation == "left"
+                else slice(0, self.seq_length)
+            )
+            tokens, labels, loss_mask = tokens[keep], labels[keep], loss_mask[keep]
+            loss_mask = loss_mask.copy()
+            if self.truncation == "right":
+                loss_mask[-1] = 0  # its label was the first cut-off token
+        return EncodedSample(tokens, labels, loss_mask, truncated)
+
+
+def check_messages(messages, roles: Optional[Tuple[str, ...]] = None) -> List[dict]:
+    """A clean copy of a `messages` list, or SampleError naming what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise SampleError("`messages` must be a non-empty list")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise SampleError(f"messages[{i}] is not an object")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or (roles and role not in roles):
+            raise SampleError(f"messages[{i}].role={role!r}; use one of {list(roles or ())}")
+        if not isinstance(content, str):
+            raise SampleError(f"messages[{i}].content is not a string")
+        clean.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in clean):
+        raise SampleError("no assistant message: nothing to learn from")
+    return clean

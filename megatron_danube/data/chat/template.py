@@ -1,0 +1,86 @@
+"""Chat templates: one Jinja template renders every conversation, for training and inference.
+
+The same template string goes into the exported tokenizer's `tokenizer_config.json`, so what
+`transformers`' `apply_chat_template` renders at inference is what fine-tuning trained on. It is
+rendered here with the environment transformers uses (sandboxed, `trim_blocks`, `lstrip_blocks`,
+`loopcontrols`, `raise_exception`), without importing transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Dict, List, Optional
+
+from megatron_danube.errors import DanubeConfigError
+
+# H2O-Danube's released chat format: `<|system|>..</s><|prompt|>..</s><|answer|>..</s>`, no BOS,
+# and `<|answer|>` as the generation prompt.
+DANUBE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'user' %}{{ '<|prompt|>' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|answer|>' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|answer|>' }}{% endif %}"
+)
+
+TEMPLATES = {"danube": DANUBE_TEMPLATE}
+
+ROLES = ("system", "user", "assistant")
+
+
+class TemplateError(Exception):
+    """Raised by a template's `raise_exception`, e.g. for a role it does not know."""
+
+
+def resolve_template(spec: str) -> str:
+    """A registered name (`danube`), a `.jinja` file, or the Jinja text itself."""
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    if spec.endswith((".jinja", ".j2")) or (os.sep in spec and "{" not in spec):
+        if not os.path.isfile(spec):
+            raise DanubeConfigError(f"chat.template file {spec} not found")
+        with open(spec, encoding="utf-8") as f:
+            return f.read()
+    if "{%" in spec or "{{" in spec:
+        _compile(spec)  # a syntax error is reported now, not at the first conversation
+        return spec
+    raise DanubeConfigError(
+        f"chat.template={spec!r}; give one of {sorted(TEMPLATES)}, a .jinja file or Jinja text"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    from jinja2.exceptions import TemplateSyntaxError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except TemplateSyntaxError as exc:
+        raise DanubeConfigError(f"chat template does not compile: {exc}") from None
+
+
+class ChatTemplate:
+    """Renders conversations; `special_tokens` are the names templates use (`eos_token`, ...)."""
+
+    def __init__(self, template: str, special_tokens: Dict[str, Optional[str]]):
+        self.source = template
+        self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
+        self._compiled = _compile(template)
+
+    def render(self, messages: List[dict], add_generation_prompt: bool = False) -> str:
+        return self._compiled.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+        )

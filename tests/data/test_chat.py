@@ -1,0 +1,233 @@
+"""Chat data: template ids equal HF `apply_chat_template`, masks by position, packing bounds."""
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_danube.data.chat.dataset import ChatSamples, encode_files, load_or_build
+from megatron_danube.data.chat.encoder import ChatEncoder, SampleError
+from megatron_danube.data.chat.packing import epoch_packs, greedy_packs, packed_microbatch
+from megatron_danube.data.chat.records import BadRecords, messages_of
+from megatron_danube.data.chat.template import DANUBE_TEMPLATE, resolve_template
+from megatron_danube.data.tokenizer import load_tokenizer
+from megatron_danube.errors import DanubeConfigError
+
+MULTI_TURN = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there, what's 2+2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": " Thanks!\n"},
+    {"role": "assistant", "content": "You're welcome >_<  émoji 🙂 \t tabs"},
+]
+SINGLE = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}]
+# A template with BOS and a generation prompt that differs from the assistant header.
+CHATML_LIKE = (
+    "{{ bos_token }}{% for m in messages %}{{ '[' + m['role'] + ']\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[assistant]\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("mistral-v1")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizers(tokenizer, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from megatron_danube.data.hf_tokenizer import save_hf_tokenizer
+
+    out = {}
+    for name, template in (("danube", DANUBE_TEMPLATE), ("bos", CHATML_LIKE)):
+        path = tmp_path_factory.mktemp(f"hf_{name}")
+        save_hf_tokenizer(tokenizer, str(path), chat_template=template)
+        out[name] = AutoTokenizer.from_pretrained(str(path))
+    return out
+
+
+def hf_ids(hf, messages, **kwargs):
+    ids = hf.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.parametrize("messages", [MULTI_TURN, SINGLE], ids=["multi_turn_system", "single"])
+@pytest.mark.parametrize("name", ["danube", "bos"])
+def test_ids_equal_hf_apply_chat_template(tokenizer, hf_tokenizers, messages, name):
+    template = DANUBE_TEMPLATE if name == "danube" else CHATML_LIKE
+    sample = ChatEncoder(tokenizer, template, 4096).encode(messages)
+    assert list(sample.tokens) == hf_ids(hf_tokenizers[name], messages)
+
+
+def test_generation_prompt_equals_hf(tokenizer, hf_tokenizers):
+    encoder = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096)
+    text = encoder.render(SINGLE[:1], add_generation_prompt=True)
+    assert text == "<|prompt|>Name a prime.</s><|answer|>"
+    ids, _ = encoder.encode_ids(text)
+    assert ids == hf_ids(hf_tokenizers["danube"], SINGLE[:1], add_generation_prompt=True)
+
+
+def supervised_text(tokenizer, sample):
+    """The label tokens the loss sees, decoded turn by turn."""
+    ids = [int(t) for t, m in zip(sample.labels, sample.loss_mask) if m]
+    return ids
+
+
+def test_loss_on_assistant_content_and_closing_eos_only(tokenizer):
+    encoder = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096)
+    sample = encoder.encode(MULTI_TURN)
+    ids = supervised_text(tokenizer, sample)
+    first, second = MULTI_TURN[2]["content"], MULTI_TURN[4]["content"]
+    expected = encoder.encode_ids(f"<|answer|>{first}</s>")[0]
+    # the answer's tokens as the full render has them: content + </s>, no header, no prompt
+    assert tokenizer.eod in ids and ids.count(tokenizer.eod) == 2
+    decoded = tokenizer.decode(ids)
+    assert first in decoded and second.strip() in decoded
+    for word in ("Be brief", "Thanks", "prompt", "answer", "system"):
+        assert word not in decoded
+    assert len(ids) < len(sample.tokens) and expected[-1] == tokenizer.eod
+
+
+def test_first_answer_token_is_predicted_from_the_answer_header(tokenizer):
+    encoder = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096)
+    sample = encoder.encode(SINGLE)
+    header, _ = encoder.encode_ids("<|prompt|>Name a prime.</s><|answer|>")
+    position = len(header) - 1  # the last token of `<|answer|>`
+    assert sample.loss_mask[position] == 1
+    assert sample.loss_mask[:position].sum() == 0
+    assert sample.labels[position] == sample.tokens[position + 1]
+    assert tokenizer.decode([int(sample.labels[position])]).strip() == "7"
+    assert sample.loss_mask[-1] == 0  # the last position has no next token in this sample
+
+
+def test_masks_by_position_not_by_token_value(tokenizer):
+    # The user repeats the assistant's answer word for word: same tokens, not supervised.
+    echo = [
+        {"role": "user", "content": "7</s>"},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "7"},
+    ]
+    encoder = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096)
+    sample = encoder.encode(echo)
+    ids = supervised_text(tokenizer, sample)
+    assert len(ids) == 2 and tokenizer.decode(ids[:1]).strip() == "7" and ids[1] == tokenizer.eod
+    # the user's literal "</s>" is read as the EOS token too, yet never supervised
+    assert sample.tokens.tolist().count(tokenizer.eod) == 4
+
+
+def test_empty_conversation_is_a_bad_sample(tokenizer):
+    with pytest.raises(SampleError):
+        ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096).encode([])
+
+
+def test_no_bos_with_danube_and_one_bos_with_a_bos_template(tokenizer):
+    danube = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096).encode(SINGLE)
+    assert tokenizer.bos not in danube.tokens.tolist()
+    with_bos = ChatEncoder(tokenizer, CHATML_LIKE, 4096).encode(SINGLE)
+    assert (
+        with_bos.tokens[0] == tokenizer.bos and with_bos.tokens.tolist().count(tokenizer.bos) == 1
+    )
+
+
+def test_truncation_left_keeps_the_last_answer_and_counts(tokenizer):
+    long = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "done"}]
+    left = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 32, "left").encode(long)
+    assert len(left) == 32 and left.truncated and left.supervised > 0
+    right = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 32, "right").encode(long)
+    assert len(right) == 32 and right.supervised == 0
+
+
+def test_records_formats_and_bad_lines(tmp_path, tokenizer):
+    path = tmp_path / "chat.jsonl"
+    lines = [
+        json.dumps({"messages": SINGLE}),
+        json.dumps({"prompt": "Q?", "response": "A.", "system": "S"}),
+        json.dumps({"prompt": [{"role": "user", "content": "Q"}], "completion": "A"}),
+        "{not json",
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
+        json.dumps({"text": "pretraining text"}),
+        "",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    assert messages_of({"prompt": "Q?", "response": "A.", "system": "S"})[0]["role"] == "system"
+    samples = encode_files([str(path)], ChatEncoder(tokenizer, DANUBE_TEMPLATE, 64), "train")
+    stats = samples.stats
+    assert len(samples) == 3 and stats["records"] == 7 and stats["bad_records"] == 4
+    assert stats["bad_examples"][0].startswith(f"{path}:4: malformed JSON")
+    assert any(":5: no assistant message" in e for e in stats["bad_examples"])
+
+
+def test_bad_records_keeps_first_five():
+    bad = BadRecords()
+    for i in range(9):
+        bad.add(f"f:{i}", "x")
+    assert bad.count == 9 and len(bad.examples) == 5
+
+
+def test_cache_is_keyed_by_data_and_template(tmp_path, tokenizer):
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps({"messages": SINGLE}) + "\n")
+    cache = str(tmp_path / "cache")
+    enc = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 64)
+    first, path1 = load_or_build([str(data)], enc, cache, "t", build=True)
+    again, path2 = load_or_build([str(data)], enc, cache, "t", build=False)
+    assert path1 == path2 and np.array_equal(first.tokens, again.tokens)
+    other, path3 = load_or_build(
+        [str(data)], ChatEncoder(tokenizer, CHATML_LIKE, 64), cache, "t", True
+    )
+    assert path3 != path1
+    data.write_text(json.dumps({"messages": MULTI_TURN}) + "\n")
+    missing, path4 = load_or_build([str(data)], enc, cache, "t", build=False)
+    assert missing is None and path4 != path1
+
+
+def toy_samples(lengths):
+    tokens, labels, masks = [], [], []
+    for k, n in enumerate(lengths):
+        ids = np.arange(n + 1, dtype=np.int32) + 100 * (k + 1)
+        tokens.append(ids[:-1])
+        labels.append(ids[1:])
+        masks.append(np.ones(n, dtype=np.uint8))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return ChatSamples(
+        np.concatenate(tokens), np.concatenate(labels), np.concatenate(masks), offsets, {}
+    )
+
+
+def test_packing_restarts_positions_and_labels_per_conversation():
+    samples = toy_samples([5, 3, 7, 4])
+    packs = greedy_packs(samples.lengths, np.arange(4), 10)
+    assert packs == [[0, 1], [2], [3]]
+    batch = packed_microbatch(samples, packs[:2], 10, pad_id=0)
+    assert batch["tokens"].shape == (1, 20)
+    assert batch["cu_seqlens"].tolist() == [0, 5, 8, 10, 17, 20]
+    assert batch["position_ids"][0, :10].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]
+    tokens, labels, mask = batch["tokens"][0], batch["labels"][0], batch["loss_mask"][0]
+    bounds = batch["cu_seqlens"].tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        # inside a document each label is the next token of that same document
+        assert labels[a : b - 1].tolist() == tokens[a + 1 : b].tolist() or mask[a:b].sum() == 0
+    assert mask[8:10].sum() == 0 and mask[17:].sum() == 0  # padding is never trained
+    assert labels[4].item() == 105  # conversation 0's last label is its own next token
+
+
+def test_unpacked_and_epochs_shuffle_differently():
+    lengths = np.array([3] * 10)
+    one = epoch_packs(lengths, 10, epochs=2, seed=1, pack=False, shuffle=True)
+    assert len(one) == 20 and all(len(p) == 1 for p in one)
+    assert [p[0] for p in one[:10]] != [p[0] for p in one[10:]]
+    assert sorted(p[0] for p in one[:10]) == list(range(10))
+
+
+def test_template_resolution(tmp_path):
+    assert resolve_template("danube") == DANUBE_TEMPLATE
+    f = tmp_path / "t.jinja"
+    f.write_text(CHATML_LIKE)
+    assert resolve_template(str(f)) == CHATML_LIKE
+    with pytest.raises(DanubeConfigError, match="does not compile"):
+        resolve_template("{% for x in %}")
+    with pytest.raises(DanubeConfigError, match="chat.template"):
+        resolve_template("chatml")
