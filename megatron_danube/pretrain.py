@@ -34,6 +34,12 @@ def main(argv=None) -> None:
         from megatron_danube.training.jobs import pretrain
 
         cfg = load_config(args.config, args.overrides)
+        if cfg.job != "pretrain":
+            from megatron_danube.errors import DanubeConfigError
+
+            raise DanubeConfigError(
+                f"job: {cfg.job} is a fine-tuning job; run it with danube-finetune"
+            )
         job, model_cfg = pretrain.build(cfg)
         return trainer.run(cfg, job, model_cfg, stop)
 

@@ -22,6 +22,8 @@
 #   PYTHON            python with megatron_danube installed (default python3)
 #   CONTAINER_IMAGE   pyxis/enroot image; CONTAINER_MOUNTS its mounts (srun --container-*)
 #   MASTER_PORT       rendezvous port (default: derived from the job id)
+#   DANUBE_ENTRY      the module to run (default megatron_danube.pretrain; finetune_1.8b.sh
+#                     sets megatron_danube.finetune)
 #
 #SBATCH --job-name=danube-1.8b
 #SBATCH --nodes=1
@@ -51,7 +53,7 @@ if [[ -n "${RUN_DIR:-}" ]]; then
 else
     RUN_DIR=$("$PYTHON" - "$CONFIG" "${OVERRIDES[@]}" <<'PY'
 import sys
-from megatron_danube.training.config import load_config
+from megatron_danube.config import load_config
 print(load_config(sys.argv[1], sys.argv[2:]).run_dir)
 PY
 )
@@ -84,7 +86,7 @@ forward_stop() {
 trap forward_stop USR1 TERM
 
 srun --kill-on-bad-exit=1 --label "${CONTAINER_ARGS[@]}" --output="$LOG" \
-    "$PYTHON" -m megatron_danube.pretrain --config "$CONFIG" "${OVERRIDES[@]}" &
+    "$PYTHON" -m "${DANUBE_ENTRY:-megatron_danube.pretrain}" --config "$CONFIG" "${OVERRIDES[@]}" &
 srun_pid=$!
 status=0
 # `wait` returns early when a trapped signal arrives: keep waiting for srun itself.

@@ -149,3 +149,44 @@ def test_examples_continue_from_hf_then_convert_to_hf(tmp_path, corpus):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "top1_agreement: 1" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "config,data",
+    [
+        ("examples/configs/danube-1.8b-sft.yaml", "train.jsonl"),
+        ("examples/configs/danube-1.8b-dpo.yaml", "pairs_train.jsonl"),
+        ("examples/configs/danube-1.8b-dpo2.yaml", "pairs_train.jsonl"),
+    ],
+)
+def test_example_chat_configs_at_tiny_scale(tmp_path, config, data):
+    """The 1.8b SFT and DPO recipes with a tiny model, the demo chat data, 2 steps."""
+    import json
+    import sys
+
+    from megatron_danube.data.demo_chat import ensure_demo_chat
+    from tests.training.test_dpo import hf_model
+
+    ensure_demo_chat(str(tmp_path / "chat"))
+    records = (tmp_path / "chat" / data).read_text().splitlines()[:40]
+    (tmp_path / "small.jsonl").write_text("\n".join(records) + "\n")
+    start = hf_model(tmp_path / "start", seed=0)
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "megatron_danube.finetune", "--config", config]
+    args += [
+        *TINY_MODEL,
+        f"run_dir={run_dir}",
+        "data.tokenizer=mistral-v1",
+        f"chat.train=[{tmp_path / 'small.jsonl'}]",
+        "chat.seq_length=512",
+        "train.global_batch_tokens=1024",
+        "optim.warmup_tokens=0",
+        f"checkpoint.load={start}",
+        "train.exit_after_steps=2",
+        "logging.eval_at_start=false",
+    ]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["iteration"] for r in steps if "loss" in r][-1] == 2

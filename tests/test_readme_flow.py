@@ -19,6 +19,8 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 # The README trains 300 steps; here 40 (twice 20 on each side of the stage switch).
 SIZE_OVERRIDES = "train.train_tokens=40960 stages.1.start_tokens=20480 logging.eval_interval=20"
+# The chat demo trains SFT 20 epochs and DPO 2; here 2 and 1.
+CHAT_OVERRIDES = {"sft": "chat.epochs=2", "dpo": "chat.epochs=1"}
 
 
 def readme_section(title: str) -> str:
@@ -42,6 +44,9 @@ def test_readme_sections_have_the_commands_this_test_runs():
     assert len(setup) == 2 and setup[0].startswith("pip install") and "pretrain" in setup[0]
     demo = list(shell_lines(readme_section("After the demo")))
     assert any("danube-convert" in c for c in demo) and any("danube-compare" in c for c in demo)
+    chat = list(shell_lines(readme_section("Chat fine-tuning demo")))
+    assert [c for c in chat if "finetune" in c][0].endswith("danube-tiny-sft-cpu.yaml")
+    assert any("danube-convert" in c for c in chat)
 
 
 def _copy_of_the_repository(dest):
@@ -86,6 +91,14 @@ def test_readme_flow_in_a_fresh_environment(tmp_path):
         out = sh(command).stdout
         if "danube-compare" in command:
             assert "top1_agreement: 1" in out and "tokens: " in out
+    for command in shell_lines(readme_section("Chat fine-tuning demo")):
+        job = None
+        if "megatron_danube.finetune" in command:
+            job = "sft" if "-sft-" in command else "dpo"
+        out = sh(f"{command} {CHAT_OVERRIDES[job]}" if job else command).stdout
+        if job:
+            assert "final validation" in out
+    _check_chat_export(sh, " ".join(shell_lines(readme_section("Chat fine-tuning demo"))))
     export = re.search(r"--save (\S+)", " ".join(shell_lines(readme_section("After the demo"))))
     check = f"""
 import json, torch
@@ -109,3 +122,27 @@ print(json.dumps({{"ids": ids[0].tolist(), "decoded": tok.decode(ids[0], skip_sp
     assert result["ids"] == [sp.bos] + sp.encode(text)  # the training tokenizer's ids
     assert result["decoded"] == text
     assert len(result["new"]) == 8
+
+
+def _check_chat_export(sh, commands: str) -> None:
+    """The chat export answers through apply_chat_template and stops at </s> (or the cap)."""
+    import json
+
+    export = re.search(r"--save (\S+)", commands).group(1)
+    check = f"""
+import json
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({export!r})
+model = AutoModelForCausalLM.from_pretrained({export!r})
+messages = [{{"role": "user", "content": "What does the Python reference say about lists?"}}]
+ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                              return_dict=True)["input_ids"]
+out = model.generate(ids, max_new_tokens=60, do_sample=False)[0, ids.shape[1]:].tolist()
+print(json.dumps({{"prompt": ids[0].tolist(), "new": out, "eos": tok.eos_token_id,
+                  "bos": tok.bos_token_id, "text": tok.decode(ids[0])}}))
+"""
+    printed = sh(f"python -c {shlex.quote(check)}").stdout.splitlines()
+    result = json.loads(next(line for line in printed if line.startswith("{")))
+    # the generation prompt closes the prompt; the Danube template has no BOS
+    assert result["text"].rstrip().endswith("<|answer|>") and result["prompt"][0] != result["bos"]
+    assert result["eos"] in result["new"] or len(result["new"]) == 60

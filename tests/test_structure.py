@@ -113,7 +113,10 @@ def test_readme_configuration_table_is_the_generated_one():
     assert table == markdown(), "README's configuration table is stale: run danube-config-reference"
 
 
-@pytest.mark.parametrize("cls_name", ["RunConfig", "TrainSection", "OptimSection", "ModelSection"])
+@pytest.mark.parametrize(
+    "cls_name",
+    ["RunConfig", "TrainSection", "OptimSection", "ModelSection", "ChatSection", "DpoSection"],
+)
 def test_every_config_field_has_a_docstring(cls_name):
     import dataclasses
 

@@ -34,6 +34,12 @@ def add_arguments(p) -> None:
         help="--to hf: the tokenizer to export (default: the one the run trained with)",
     )
     p.add_argument(
+        "--chat-template",
+        default=None,
+        help="--to hf: chat template (danube, a .jinja file or text); default: the one a "
+        "fine-tuning run recorded, none for pretraining runs",
+    )
+    p.add_argument(
         "--model-preset",
         default=None,
         help="--to hf: the model preset, for checkpoints that do not record it",
@@ -54,6 +60,7 @@ def convert(args) -> int:
                 args.dtype or "bfloat16",
                 args.model_preset,
                 tokenizer=args.tokenizer,
+                chat_template=args.chat_template,
             )
         else:
             from megatron_danube.convert.hf_import import to_mcore

@@ -2,8 +2,10 @@
 
 from megatron_danube.config.loader import check_values, load_config, save_config, to_dict
 from megatron_danube.config.sections import (
+    ChatSection,
     CheckpointSection,
     DataSection,
+    DpoSection,
     LoggingSection,
     ModelSection,
     OptimSection,
@@ -16,6 +18,8 @@ from megatron_danube.config.sections import (
 )
 
 __all__ = [
+    "ChatSection",
+    "DpoSection",
     "CheckpointSection",
     "DataSection",
     "LoggingSection",

@@ -125,17 +125,35 @@ def settable_fields(cls) -> Dict[str, Any]:
     }
 
 
+def _infinite_defaults(cls) -> Dict[str, float]:
+    """Fields whose default is an infinite float, which then means "off".
+
+    Numbers are otherwise refused when not finite, but megatron-core 0.17+ gives
+    OptimizerConfig such a default (`grad_norm_skip_threshold=inf`); writing it back (the
+    defaults, the resolved config.yaml) must stay possible.
+    """
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(cls)
+        if isinstance(f.default, float) and math.isinf(f.default)
+    }
+
+
 def from_dict(cls, data, prefix: str = ""):
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise DanubeConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     fields = settable_fields(cls)
+    infinite = _infinite_defaults(cls)
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
             raise unknown_key(full, fields)
+        if key in infinite and value == infinite[key]:
+            kwargs[key] = value  # the class's own "off" value, e.g. .inf (see _infinite_defaults)
+            continue
         kwargs[key] = _coerce(value, fields[key], full)
     try:
         return cls(**kwargs)
@@ -272,6 +290,24 @@ def check_values(cfg: RunConfig) -> None:
     for i, stage in enumerate(cfg.stages):
         _require(stage.seq_length > 0, f"stages[{i}].seq_length must be > 0")
         _require(stage.start_tokens >= 0, f"stages[{i}].start_tokens must be >= 0")
+    check_chat_values(cfg)
+
+
+def check_chat_values(cfg: RunConfig) -> None:
+    chat = cfg.chat
+    _require(chat.seq_length > 0, f"chat.seq_length={chat.seq_length}; it must be > 0")
+    _require(chat.epochs >= 1, f"chat.epochs={chat.epochs}; it must be >= 1")
+    _require(
+        0 <= chat.valid_fraction < 1,
+        f"chat.valid_fraction={chat.valid_fraction}; it must be in [0, 1)",
+    )
+    dpo = cfg.dpo
+    _require(dpo.beta > 0, f"dpo.beta={dpo.beta}; it must be > 0")
+    _require(
+        0 <= dpo.label_smoothing < 0.5,
+        f"dpo.label_smoothing={dpo.label_smoothing}; it must be in [0, 0.5)",
+    )
+    _require(dpo.sft_weight >= 0, f"dpo.sft_weight={dpo.sft_weight}; it must be >= 0")
 
 
 def save_config(cfg: RunConfig, path: str) -> None:

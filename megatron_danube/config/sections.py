@@ -123,7 +123,7 @@ class TrainSection:
     """How long and how wide."""
 
     train_tokens: int = 1_048_576
-    """Total tokens (a multiple of the global batch)."""
+    """Total tokens (a multiple of the global batch); fine-tuning runs `chat.epochs` instead."""
     global_batch_tokens: int = 4096
     """Tokens per step, constant across stages."""
     micro_batch_size: int = 1
@@ -176,11 +176,49 @@ class CheckpointSection:
     load: Optional[str] = None
     """A checkpoint to start from when the run has none of its own."""
     load_optimizer: bool = True
-    """False: weights only (e.g. continuing from converted HF weights)."""
+    """False: weights only (e.g. from converted HF weights); fine-tuning always starts so."""
     verify: bool = True
     """Check every checkpoint's manifest (sizes and checksums) before it is resumed."""
     allow_changes: List[str] = field(default_factory=list)
     """Fields a resume may change on purpose, e.g. `[train.global_batch_tokens]`."""
+
+
+@dataclass
+class ChatSection:
+    """Chat fine-tuning data (`job: sft`): JSONL conversations, template, packing."""
+
+    train: List[str] = field(default_factory=list)
+    """JSONL files: `messages` lists, or `prompt` with `response`/`completion` (README)."""
+    valid: List[str] = field(default_factory=list)
+    """Held-out JSONL files for validation; empty: `valid_fraction` of `train`."""
+    valid_fraction: float = 0.0
+    """Share of `train` samples held out when `valid` is empty (0: no validation)."""
+    template: str = "danube"
+    """Chat template: `danube` (`<|prompt|>..</s><|answer|>..</s>`), a `.jinja` file or text."""
+    seq_length: int = 2048
+    """Tokens per packed row; longer conversations are cut (DPO: each side to half of it)."""
+    truncation: Literal["left", "right"] = "left"
+    """Which end of a too-long conversation is cut (left keeps the last answer)."""
+    pack: bool = True
+    """Several conversations per row, attention isolated per conversation; false: one each."""
+    epochs: int = 1
+    """Passes over the training data (each shuffled with `data.seed` + epoch)."""
+    demo_dir: Optional[str] = None
+    """Build the pydoc chat demo's train.jsonl/valid.jsonl here if they are missing."""
+
+
+@dataclass
+class DpoSection:
+    """Direct preference optimisation (`job: dpo`): pairs in `chat`, the start in `checkpoint`."""
+
+    beta: float = 0.2
+    """Strength of the pull towards the reference model (Danube's DPO stages used 0.2)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """`sigmoid` (DPO), `ipo` (length-normalised, as TRL) or `hinge` (SLiC)."""
+    label_smoothing: float = 0.0
+    """sigmoid only: the assumed share of flipped preference labels (conservative DPO)."""
+    sft_weight: float = 0.0
+    """Weight of an added NLL term on the chosen completion (mean per token, per pair)."""
 
 
 @dataclass
@@ -192,7 +230,9 @@ class LoggingSection:
     eval_interval: int = 100
     """Steps between validations; 0: only at the end."""
     eval_iters: int = 10
-    """Global batches per validation."""
+    """Global batches per validation (pretraining; fine-tuning validates on all held-out data)."""
+    eval_at_start: bool = False
+    """Also validate before the first step (the starting weights' held-out loss)."""
     tensorboard: bool = True
     """Also write TensorBoard events."""
     peak_tflops: Optional[float] = None
@@ -201,8 +241,10 @@ class LoggingSection:
 
 @dataclass
 class RunConfig:
-    """One pretraining run."""
+    """One run: pretraining (`danube-pretrain`) or chat fine-tuning (`danube-finetune`)."""
 
+    job: Literal["pretrain", "sft", "dpo"] = "pretrain"
+    """`pretrain` (token stages over corpora), `sft` (chat fine-tuning) or `dpo` (preferences)."""
     run_dir: str = "runs/default"
     """Checkpoints, metrics.jsonl, tensorboard/ and logs/ go here."""
     model: ModelSection = field(default_factory=ModelSection)
@@ -217,6 +259,10 @@ class RunConfig:
     """Corpora and tokenizer."""
     stages: List[StageSection] = field(default_factory=lambda: [StageSection()])
     """The stage schedule: sequence length and blend by consumed tokens."""
+    chat: ChatSection = field(default_factory=ChatSection)
+    """Chat fine-tuning data (`job: sft` conversations, `job: dpo` preference pairs)."""
+    dpo: DpoSection = field(default_factory=DpoSection)
+    """DPO loss settings (`job: dpo`)."""
     train: TrainSection = field(default_factory=TrainSection)
     """Length, batch and device."""
     optim: OptimSection = field(default_factory=OptimSection)

@@ -6,17 +6,18 @@ it: the checkpoint's stored keys are global and spec-independent.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional
 
 import torch
 
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.config_builder import DTYPES
-from megatron_danube.training.checkpointing import (
+from megatron_danube.runtime import compat
+from megatron_danube.training.checkpointing import (  # noqa: F401  (resolve_checkpoint: re-export)
     STATE_FILE,
     CheckpointManager,
     read_train_state,
+    resolve_checkpoint,
     verify_checkpoint,
 )
 
@@ -42,30 +43,6 @@ def init_single_rank(model_cfg) -> None:
         initialize_single_process(model_cfg)
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A run dir, its checkpoints/ dir, or an iter_* dir -> the iter dir to read.
-
-    The checkpoint is verified against its manifest; a run dir whose `latest` is damaged
-    resolves to its newest intact checkpoint (with a warning), as a resume would.
-    """
-    if not os.path.isdir(path):
-        raise DanubeConfigError(f"--load {path}: no such directory")
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        problem = verify_checkpoint(path)
-        if problem:
-            raise DanubeConfigError(f"checkpoint {path} is damaged: {problem}")
-        return path
-    for run_dir in (path, os.path.dirname(os.path.normpath(path))):
-        ckpt_dir = os.path.join(run_dir, "checkpoints")
-        if os.path.isdir(ckpt_dir) and (run_dir == path or os.path.samefile(ckpt_dir, path)):
-            found = CheckpointManager(run_dir).latest()
-            if found:
-                return found
-    raise DanubeConfigError(
-        f"--load {path}: not a megatron_danube checkpoint (no {STATE_FILE}, no latest pointer)"
-    )
-
-
 read_state = read_train_state
 
 
@@ -89,6 +66,7 @@ def load_megatron_weights(ckpt: str, model_cfg) -> Dict[str, torch.Tensor]:
     from megatron_danube.models.hf_adapter import unstack_layers
 
     init_single_rank(model_cfg)
+    compat.check_readable(ckpt)
     try:
         metadata = dist_checkpointing.load_tensors_metadata(ckpt)
     except Exception as exc:

@@ -54,7 +54,10 @@ def to_hf(
     preset: Optional[str] = None,
     max_shard_bytes: int = 5 * 2**30,
     tokenizer: Optional[str] = None,
+    chat_template: Optional[str] = None,
 ) -> str:
+    """Write the HF directory; `chat_template` (a name, file or text) defaults to the one a
+    fine-tuning run recorded, so chat models export ready for `apply_chat_template`."""
     from safetensors.torch import save_file
 
     from megatron_danube.models.hf_adapter import hf_config_dict, iter_mcore_to_hf
@@ -72,6 +75,14 @@ def to_hf(
         raise DanubeConfigError(
             f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model {model_cfg.vocab_size}"
         )
+    if chat_template is not None:
+        from megatron_danube.data.chat.template import resolve_template
+
+        chat_template = resolve_template(chat_template)
+    else:
+        chat_template = state.get("chat_template")
+    if chat_template is not None and tok is None:
+        raise DanubeConfigError("a chat template needs a tokenizer; pass --tokenizer PATH")
     prepare_output(save)
     weights = load_megatron_weights(ckpt, model_cfg)
     target = DTYPES[dtype]
@@ -112,7 +123,12 @@ def to_hf(
     if tok is not None:
         from megatron_danube.data.hf_tokenizer import save_hf_tokenizer
 
-        save_hf_tokenizer(tok, save, model_max_length=model_cfg.max_position_embeddings)
+        save_hf_tokenizer(
+            tok,
+            save,
+            chat_template=chat_template,
+            model_max_length=model_cfg.max_position_embeddings,
+        )
         gen.update(bos_token_id=tok.bos, eos_token_id=tok.eod)
     with open(os.path.join(save, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=1)

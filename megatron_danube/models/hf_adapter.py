@@ -277,6 +277,10 @@ def model_config_from_hf(cfg: dict, name: str = "from-hf") -> DanubeModelConfig:
         raise DanubeConfigError("the HF model has linear biases; Danube models have none")
     if cfg.get("hidden_act", "silu") != "silu":
         raise DanubeConfigError(f"hidden_act {cfg.get('hidden_act')!r} unsupported; need silu")
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [k for k in required + ("vocab_size", "max_position_embeddings") if k not in cfg]
+    if missing:
+        raise DanubeConfigError(f"the HF config.json lacks {', '.join(missing)}; is it complete?")
     rope_scaling = cfg.get("rope_scaling")
     rope_params = cfg.get("rope_parameters") or {}
     rope_type = (rope_scaling or {}).get("rope_type") or rope_params.get("rope_type")

@@ -5,7 +5,10 @@
   megatron's `finalize_model_grads` all-reduces its gradient over the TP group.
 * `SDPAttention`: core attention on `scaled_dot_product_attention` with native GQA. With a
   sliding window longer sequences go through FlexAttention with a block mask on GPU (no s x s
-  mask is materialised); on the CPU a boolean band mask is used.
+  mask is materialised); on the CPU a boolean band mask is used. Packed sequences (megatron's
+  THD `PackedSeqParams`, as chat fine-tuning feeds them) attend within their own document only:
+  a FlexAttention block mask built from the document ids on GPU, the equivalent dense mask on
+  the CPU.
 """
 
 from __future__ import annotations
@@ -84,14 +87,59 @@ def _flex_window_block_mask(seq_len: int, window: int, device_str: str):
     return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device_str)
 
 
-def windowed_attention(q, k, v, window: Optional[int], use_flex: Optional[bool] = None):
-    """Causal attention on [b, heads, s, d] tensors; k/v may have fewer (GQA) heads."""
+def document_ids(cu_seqlens: torch.Tensor, device) -> torch.Tensor:
+    """[t] index of the document each packed position belongs to."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+
+
+def document_mask(documents: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """Boolean [t, t], True where allowed: same document, causal, within the window."""
+    q = torch.arange(len(documents), device=documents.device).unsqueeze(1)
+    k = q.transpose(0, 1)
+    allowed = (documents.unsqueeze(1) == documents.unsqueeze(0)) & (k <= q)
+    if window is not None:
+        allowed &= q - k < window
+    return allowed
+
+
+def _flex_document_block_mask(documents: torch.Tensor, window: Optional[int]):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = (documents[q_idx] == documents[kv_idx]) & (kv_idx <= q_idx)
+        if window is not None:
+            allowed = allowed & (q_idx - kv_idx < window)
+        return allowed
+
+    n = len(documents)
+    return create_block_mask(mask_mod, None, None, n, n, device=str(documents.device))
+
+
+def windowed_attention(
+    q,
+    k,
+    v,
+    window: Optional[int],
+    use_flex: Optional[bool] = None,
+    documents: Optional[torch.Tensor] = None,
+):
+    """Causal attention on [b, heads, s, d] tensors; k/v may have fewer (GQA) heads.
+
+    `documents` ([s] ints) restricts each query to keys of its own document (packed sequences).
+    """
     seq_len = q.shape[-2]
+    if use_flex is None:
+        use_flex = q.is_cuda
+    if documents is not None:
+        if use_flex:
+            block_mask = _flex_document_block_mask(documents, window)
+            return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=True)
+        mask = document_mask(documents, window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     if window is None or window >= seq_len:
         # The window changes nothing: plain causal (flash on GPU).
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if use_flex is None:
-        use_flex = q.is_cuda
     if use_flex:
         block_mask = _flex_window_block_mask(seq_len, window, str(q.device))
         return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=True)
@@ -135,10 +183,30 @@ class SDPAttention(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("the local attention supports neither packed sequences nor a bias")
+        if attention_bias is not None:
+            raise ValueError("the local attention has no attention bias")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = windowed_attention(q, k, v, self.window)
         seq, batch = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+    def _packed(self, query, key, value, params) -> torch.Tensor:
+        """THD: [t, heads, d] holding several documents back to back -> [t, heads * d]."""
+        if params.qkv_format != "thd":
+            raise ValueError(f"the local attention packs THD only, got {params.qkv_format!r}")
+        if params.cu_seqlens_q_padded is not None or not torch.equal(
+            params.cu_seqlens_q, params.cu_seqlens_kv
+        ):
+            raise ValueError("the local attention needs equal, unpadded q/kv cu_seqlens")
+        documents = document_ids(params.cu_seqlens_q, query.device)
+        if len(documents) != query.shape[0]:
+            raise ValueError(
+                f"cu_seqlens cover {len(documents)} tokens, the row has {query.shape[0]}"
+            )
+        # [t, h, d] -> [1, h, t, d]
+        q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))
+        out = windowed_attention(q, k, v, self.window, documents=documents)
+        return out.squeeze(0).permute(1, 0, 2).reshape(query.shape[0], -1)

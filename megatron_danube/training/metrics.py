@@ -122,11 +122,14 @@ class StepWindow:
 
     def reset(self) -> None:
         self.loss, self.grad_norm, self.steps = 0.0, 0.0, 0
+        self.reports = {}  # the loss function's reports, summed: jobs derive metrics from them
 
-    def add(self, loss: float, grad_norm: float) -> None:
+    def add(self, loss: float, grad_norm: float, reports=None) -> None:
         self.loss += loss
         self.grad_norm += grad_norm
         self.steps += 1
+        for name, value in (reports or {}).items():
+            self.reports[name] = self.reports.get(name, 0) + value.detach().cpu()
 
     def mean_loss(self) -> float:
         return self.loss / self.steps if self.steps else math.nan

@@ -12,6 +12,17 @@ from megatron_danube.errors import DanubeConfigError
 
 def schedule_of(cfg: RunConfig) -> dict:
     """The parts of the config that decide which sample each step reads."""
+    if cfg.job in ("sft", "dpo"):
+        chat = cfg.chat
+        return {
+            "job": cfg.job,
+            "train.global_batch_tokens": cfg.train.global_batch_tokens,
+            "chat.seq_length": chat.seq_length,
+            "chat.epochs": chat.epochs,
+            "chat.pack": chat.pack,
+            "chat.train": list(chat.train),
+            "data.seed": cfg.data.seed,
+        }
     return {
         "train.train_tokens": cfg.train.train_tokens,
         "train.global_batch_tokens": cfg.train.global_batch_tokens,

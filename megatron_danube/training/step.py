@@ -79,6 +79,32 @@ def lm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     return output, partial(_masked_token_loss, loss_mask)
 
 
+def packed_forward_step(data_iterator: Iterator, model: torch.nn.Module):
+    """Megatron forward-step function for packed documents (THD), e.g. chat fine-tuning.
+
+    Each batch is one [1, t] row of several documents with `cu_seqlens` bounds; every pipeline
+    stage draws it, so every stage's attention and RoPE see the document bounds.
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    cu_seqlens = batch["cu_seqlens"].to(device, non_blocking=True)
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=batch["max_seqlen"],
+        max_seqlen_kv=batch["max_seqlen"],
+    )
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+    output = model(tokens, position_ids, None, labels=labels, packed_seq_params=params)
+    return output, partial(_masked_token_loss, loss_mask)
+
+
 def lm_loss(reports: Dict[str, torch.Tensor]) -> float:
     """Mean token loss from summed `lm loss` reports."""
     total = reports["lm loss"]

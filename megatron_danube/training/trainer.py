@@ -64,6 +64,8 @@ class Job(Protocol):
     """Length of the schedule, in tokens."""
     max_seq_length: int
     """The longest sequence the job feeds the model."""
+    transformer_overrides: Dict[str, object]
+    """TransformerConfig fields the job needs, e.g. `calculate_per_token_loss`."""
 
     def setup(self, rt, is_main: bool) -> None:
         """Prepare data; called once on every rank after the process group exists."""
@@ -79,6 +81,10 @@ class Job(Protocol):
 
     def state_extra(self, state: TrainState) -> dict:
         """What the job records in each checkpoint's train state."""
+
+    # Optional: `after_resume(trainer)`, run once the starting weights are in place (e.g. to
+    # record reference log-probabilities), and `train_metrics(reports)`, the job's own
+    # metrics from the loss reports summed over the logging window.
 
 
 class StopRequest:
@@ -135,6 +141,7 @@ class Trainer:
             device_type=self.rt.device.type,
             precision=cfg.precision,
             recompute=cfg.recompute,
+            **self.job.transformer_overrides,
         )
         chunks = build_model_chunks(self.model_cfg, config, self.rt.spec, self.rt.device)
         self.chunks = wrap_with_ddp(
@@ -163,10 +170,14 @@ class Trainer:
 
     def resume(self) -> None:
         cfg = self.cfg
+        from megatron_danube.training.checkpointing import resolve_checkpoint
+
         own = self.checkpoints.latest()
         source = own or cfg.checkpoint.load
         if not source:
             return
+        if not own:  # a run directory names its latest intact checkpoint
+            source = resolve_checkpoint(source, "checkpoint.load")
         saved = self.checkpoints.load(
             source,
             self.chunks,
@@ -197,6 +208,10 @@ class Trainer:
 
         s, window, throughput = self.state, StepWindow(), Throughput()
         t_start, tokens_at_start, steps = time.perf_counter(), s.consumed_tokens, 0
+        if hasattr(self.job, "after_resume"):
+            self.job.after_resume(self)
+        if self.cfg.logging.eval_at_start and s.iteration == 0:
+            self.evaluate()
         while s.consumed_tokens < self.job.total_tokens:
             if self.stop.agreed(self.rt.device):
                 self.reason = "signal received: saved at a step boundary"
@@ -241,7 +256,7 @@ class Trainer:
         s.consumed_tokens += batch.tokens
         self.scheduler.step(increment=batch.tokens)
         throughput.add(batch.tokens, batch.flops)
-        window.add(result["loss"], result["grad_norm"])
+        window.add(result["loss"], result["grad_norm"], result["reports"])
         if result["skipped"]:
             s.skipped_steps += 1
             s.bad_steps_in_row += 1
@@ -289,6 +304,8 @@ class Trainer:
             peak_tflops=self.peak_tflops(),
             eta_s=elapsed / max(done_tokens, 1) * (self.job.total_tokens - s.consumed_tokens),
         )
+        if hasattr(self.job, "train_metrics") and window.reports:
+            record.update(self.job.train_metrics(window.reports))
         self.metrics.write(record, s.iteration)
         window.reset()
         throughput.reset()
@@ -338,7 +355,7 @@ class Trainer:
             if final or self.state.consumed_tokens >= self.job.total_tokens
             else "validation",
             self.state.iteration,
-            ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_")),
+            ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("val_", "eval_"))),
         )
 
     def close(self) -> None:

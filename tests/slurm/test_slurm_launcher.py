@@ -223,3 +223,36 @@ def test_slurm_time_limit_signal_saves_requeues_and_finishes(slurm, corpus, tmp_
     log = log_of(run_dir, job)
     assert "signal received" in log and "resumed from" in log
     assert "stopped at iteration 20 (20,480 tokens): finished" in log
+
+
+def test_slurm_finetune_script_runs_sft_and_derives_the_run_dir(slurm, tmp_path):
+    """slurm/finetune_1.8b.sh: the same launcher running danube-finetune; no RUN_DIR given,
+    so the script reads run_dir from the config and its overrides."""
+    import json
+
+    from megatron_danube.data.demo_chat import conversations
+    from tests.training.test_dpo import hf_model
+
+    train, _ = conversations()
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in train[:8]))
+    start = hf_model(tmp_path / "start", seed=0)
+    run_dir = tmp_path / "sft"
+    env = {k: v for k, v in slurm["env"].items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env["CONFIG"] = "tests/training/tiny_sft.yaml"
+    out = subprocess.run(
+        [_bin("sbatch"), "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0"]
+        + ["--cpus-per-task=1", "--time=15", f"--output={run_dir}-slurm-%j.out"]
+        + [os.path.join(REPO, "slurm", "finetune_1.8b.sh"), f"run_dir={run_dir}"]
+        + [f"chat.train=[{data}]", f"checkpoint.load={start}", "chat.epochs=2"]
+        + ["optim.warmup_tokens=0"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = out.stdout.strip().split(";")[0]
+    assert wait_done(slurm, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
+    log = log_of(run_dir, job)
+    assert "sft plan" in log and "DP=2" in log and "finished" in log

@@ -98,6 +98,8 @@ class PretrainJob:
 
     forward_step = staticmethod(lm_forward_step)
     report_sizes = LM_REPORTS
+    # Every micro-batch has the same token count: megatron's per-micro-batch mean is exact.
+    transformer_overrides: Dict[str, object] = {}
 
     def __init__(self, cfg: RunConfig, model_cfg, stages: List[Stage], tokenizer, checked=None):
         self.cfg, self.model_cfg, self.stages, self.tokenizer = cfg, model_cfg, stages, tokenizer

@@ -1,0 +1,240 @@
+"""Direct preference optimisation on packed pairs, with precomputed reference log-probabilities.
+
+A pair's chosen and rejected completions are two documents of the same packed row (so always in
+the same micro-batch); the last pipeline stage sums megatron's per-token log-probabilities (the
+vocab-parallel cross entropy, exact under TP) over each completion, and the loss of every pair
+is summed, then divided once by the number of pairs in the global batch (megatron's
+`calculate_per_token_loss` with pairs as the unit).
+
+The reference model is the starting weights. Before the first step one forward pass over all
+pairs (training and held-out) records its log-probabilities in `RUN_DIR/reference_logps.npz`,
+keyed by a hash of the reference checkpoint's manifest and of the tokenized data (which covers
+tokenizer, template and files); a resume with anything else is a one-line error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from functools import partial
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from megatron_danube.config import RunConfig
+from megatron_danube.errors import DanubeConfigError
+from megatron_danube.training.jobs.sft import SFTJob, check_config
+from megatron_danube.training.preference_loss import (
+    DPO_REPORTS,
+    dpo_metrics,
+    pair_report,
+    preference_losses,
+)
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference_logps.npz"
+CHOSEN, REJECTED = 1, 2  # document kinds in a row; 0 is padding
+
+
+def _document_sums(batch, per_token_loss):
+    """(summed log-prob, supervised tokens) of every document of the row."""
+    from megatron_danube.models.local_layers import document_ids
+
+    mask = batch["loss_mask"].view(-1).to(per_token_loss.device, torch.float32)
+    documents = document_ids(batch["cu_seqlens"], per_token_loss.device)
+    n = len(batch["doc_kind"])
+    token_logps = -per_token_loss.view(-1).float() * mask
+    logps = torch.zeros(n, device=mask.device).index_add(0, documents, token_logps)
+    tokens = torch.zeros(n, device=mask.device).index_add(0, documents, mask)
+    return logps, tokens
+
+
+def _dpo_loss(batch, per_token_loss, settings):
+    logps, tokens = _document_sums(batch, per_token_loss)
+    kinds = batch["doc_kind"].to(logps.device)
+    ref = batch["ref_logps"].to(logps.device, torch.float32)
+    chosen, rejected = kinds == CHOSEN, kinds == REJECTED
+    losses = preference_losses(
+        logps[chosen],
+        logps[rejected],
+        ref[chosen],
+        ref[rejected],
+        beta=settings.beta,
+        loss_type=settings.loss_type,
+        label_smoothing=settings.label_smoothing,
+        chosen_tokens=tokens[chosen],
+        rejected_tokens=tokens[rejected],
+    )
+    report = pair_report(
+        losses, logps[chosen], logps[rejected], ref[chosen], ref[rejected], settings.beta
+    )
+    if settings.sft_weight:
+        losses = losses + settings.sft_weight * (-logps[chosen] / tokens[chosen].clamp(min=1))
+        report[0] = losses.detach().sum()
+    pairs = torch.tensor(int(chosen.sum()), dtype=torch.int)
+    return losses.sum(), pairs, {"dpo": report}
+
+
+def _reference_loss(batch, per_token_loss, total: int):
+    """Forward only: each document's log-probability at its global slot (2 pair + side)."""
+    logps, _ = _document_sums(batch, per_token_loss)
+    kinds, index = batch["doc_kind"].to(logps.device), batch["pair_index"].to(logps.device)
+    real = kinds > 0
+    slots = torch.zeros(total, dtype=torch.float64, device=logps.device)
+    slots[2 * index[real] + kinds[real] - 1] = logps[real].double()
+    return logps.sum() * 0, torch.tensor(0, dtype=torch.int), {"ref": slots}
+
+
+def packed_step(loss, data_iterator, model):
+    """The packed forward step with this job's loss on the per-token losses."""
+    from megatron_danube.training.step import packed_forward_step
+
+    batch = next(data_iterator)
+    output, _ = packed_forward_step(iter([batch]), model)
+    return output, partial(loss, batch)
+
+
+class DPOJob(SFTJob):
+    """The `Job` of DPO: pairs packed as documents, sequence log-probabilities, pair losses."""
+
+    kind = "dpo"
+    report_sizes = DPO_REPORTS
+
+    def __init__(self, cfg: RunConfig, model_cfg, tokenizer, checked=None):
+        super().__init__(cfg, model_cfg, tokenizer, checked)
+        self.sample_length = self.seq_length // 2  # both sides of a pair share a row
+        self.forward_step = partial(packed_step, partial(_dpo_loss, settings=cfg.dpo))
+        self.reference = {}
+
+    @staticmethod
+    def loss(reports: Dict[str, torch.Tensor]) -> float:
+        report = reports["dpo"]
+        return (report[0] / report[1].clamp(min=1)).item()
+
+    def train_metrics(self, reports: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        metrics = dpo_metrics(reports["dpo"])
+        metrics.pop("loss")
+        return metrics
+
+    def eval_metrics(self, reports: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        metrics = dpo_metrics(reports["dpo"], prefix="eval_")
+        return {"val_loss": metrics.pop("eval_loss"), **metrics}
+
+    # ---------------------------------------------------------------------------- data
+    def _unit_lengths(self, samples) -> np.ndarray:
+        from megatron_danube.data.chat.preference import pair_lengths
+
+        return pair_lengths(samples)
+
+    def _hold_out(self, samples, fraction: float):
+        pairs = len(samples) // 2
+        order = np.random.default_rng(self.cfg.data.seed).permutation(pairs)
+        held = np.sort(order[: max(1, int(round(pairs * fraction)))])
+        rest = np.sort(order[len(held) :])
+        both = lambda idx: np.stack([2 * idx, 2 * idx + 1], axis=1).reshape(-1)  # noqa: E731
+        return samples.subset(both(held)), samples.subset(both(rest))
+
+    def _microbatch(self, samples, packs: List[List[int]]) -> dict:
+        """Packs of pair indices -> one THD row; per document its kind, pair and reference."""
+        from megatron_danube.data.chat.packing import packed_microbatch
+
+        rows = [[i for pair in pack for i in (2 * pair, 2 * pair + 1)] for pack in packs]
+        batch = packed_microbatch(samples, rows, self.seq_length, self.tokenizer.eod)
+        kinds, index = [], []
+        for pack, row in zip(packs, rows):
+            for pair in pack:
+                kinds += [CHOSEN, REJECTED]
+                index += [pair, pair]
+            if sum(len(samples.sample(i)[0]) for i in row) < self.seq_length:
+                kinds.append(0)  # the row's padding document
+                index.append(0)
+        batch["doc_kind"] = torch.tensor(kinds, dtype=torch.long)
+        batch["pair_index"] = torch.tensor(index, dtype=torch.long)
+        reference = self.reference.get(id(samples))
+        if reference is not None:
+            slots = 2 * batch["pair_index"] + (batch["doc_kind"] - 1).clamp(min=0)
+            batch["ref_logps"] = torch.from_numpy(reference)[slots]
+        return batch
+
+    # ---------------------------------------------------------------------------- reference
+    def reference_key(self) -> str:
+        from megatron_danube.training.checkpointing import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(self.cfg.checkpoint.load, "checkpoint.load")
+        with open(os.path.join(ckpt, "manifest.json"), "rb") as f:
+            manifest = f.read()
+        return hashlib.sha256(manifest + b"|" + str(self.data_key).encode()).hexdigest()[:24]
+
+    def after_resume(self, trainer) -> None:
+        """Load the reference log-probabilities, or compute them from the starting weights."""
+        path = os.path.join(self.cfg.run_dir, REFERENCE_FILE)
+        key = self.reference_key()
+        # One unshuffled pass: each pair once, whatever the epochs.
+        sets = [("train", self.train_samples, self._packs(self.train_samples, 1, shuffle=False))]
+        if self.valid_samples is not None and len(self.valid_packs):
+            sets.append(("valid", self.valid_samples, self.valid_packs))
+        if os.path.exists(path):
+            with np.load(path) as stored:
+                if str(stored["key"]) != key:
+                    raise DanubeConfigError(
+                        f"{path} holds reference log-probabilities of another reference model or "
+                        f"data (hash {stored['key']} != {key}); restore checkpoint.load and "
+                        f"chat files, or start a new run_dir"
+                    )
+                for name, samples, _ in sets:
+                    self.reference[id(samples)] = stored[name]
+            return
+        if trainer.state.iteration > 0:
+            raise DanubeConfigError(
+                f"{path} is missing and the policy has moved from the reference; restore the file "
+                f"or start a new run_dir"
+            )
+        arrays = {name: self._reference_logps(trainer, s, p) for name, s, p in sets}
+        for name, samples, _ in sets:
+            self.reference[id(samples)] = arrays[name]
+        if trainer.rt.is_main:
+            tmp = f"{path}.tmp.npz"
+            np.savez(tmp, key=np.array(key), **arrays)
+            os.replace(tmp, path)
+        pairs = len(arrays["train"]) // 2
+        logger.info("reference log-probabilities of %d training pairs recorded in %s", pairs, path)
+
+    def _reference_logps(self, trainer, samples, packs) -> np.ndarray:
+        from megatron_danube.training.step import forward_backward
+
+        total = len(samples)  # two slots per pair: chosen, rejected
+        step = partial(packed_step, partial(_reference_loss, total=total))
+        result = torch.zeros(total, dtype=torch.float64)
+        for chunk in trainer.chunks:
+            chunk.eval()
+        with torch.no_grad():
+            for first in range(0, len(packs), self.packs_per_step):
+                batch = self._batch(samples, packs[first : first + self.packs_per_step])
+                reports = forward_backward(
+                    trainer.chunks,
+                    batch.iterators,
+                    num_microbatches=batch.num_microbatches,
+                    seq_length=batch.seq_length,
+                    micro_batch_size=batch.micro_batch_size,
+                    forward_only=True,
+                    forward_step_func=step,
+                    report_sizes={"ref": total},
+                )
+                result += reports["ref"].cpu()
+        for chunk in trainer.chunks:
+            chunk.train()
+        return result.numpy()
+
+    def state_extra(self, state) -> dict:
+        return dict(super().state_extra(state), reference=self.reference_key())
+
+
+def build(cfg: RunConfig) -> Tuple[DPOJob, object]:
+    """(job, model config) after every up-front check."""
+    model_cfg, tokenizer, checked = check_config(cfg)
+    if cfg.chat.seq_length < 4:
+        raise DanubeConfigError("chat.seq_length must be >= 4 for preference pairs")
+    return DPOJob(cfg, model_cfg, tokenizer, checked), model_cfg

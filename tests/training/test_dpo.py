@@ -1,0 +1,186 @@
+"""danube-finetune `job: dpo` on the CPU against TRL's DPOTrainer, the reference guard, and an
+overfit smoke test. The model is a random danube-tiny saved as an HF Mistral directory with
+the project's tokenizer and the Danube chat template."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+TRL_KEYS = (
+    "loss",
+    "grad_norm",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def finetune(run_dir, *overrides, nproc=1, config="tests/training/tiny_dpo.yaml", check=True):
+    cmd = [sys.executable, "-m", "megatron_danube.finetune"]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+        cmd += [f"--master-port={free_port()}", "-m", "megatron_danube.finetune"]
+    args = cmd + ["--config", os.path.join(REPO, config), f"run_dir={run_dir}", *overrides]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"finetune failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def hf_model(path, seed):
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from megatron_danube.data.chat.template import DANUBE_TEMPLATE
+    from megatron_danube.data.hf_tokenizer import save_hf_tokenizer
+    from megatron_danube.data.tokenizer import load_tokenizer
+    from megatron_danube.models.hf_adapter import hf_config_dict
+    from megatron_danube.models.presets import get_preset
+
+    torch.manual_seed(seed)
+    config = MistralConfig(**hf_config_dict(get_preset("danube-tiny"), "float32"))
+    MistralForCausalLM(config).save_pretrained(str(path))
+    save_hf_tokenizer(load_tokenizer("mistral-v1"), str(path), chat_template=DANUBE_TEMPLATE)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    return hf_model(tmp_path_factory.mktemp("hf_start"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    from megatron_danube.data.demo_chat import preference_pairs
+
+    train, _ = preference_pairs()
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(train[i]) + "\n" for i in (0, 5, 10, 17, 22, 29)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trl_log(tmp_path_factory, start, pairs):
+    pytest.importorskip("trl")
+    out = tmp_path_factory.mktemp("trl") / "log.json"
+    script = os.path.join(REPO, "tests", "training", "trl_dpo_reference.py")
+    proc = subprocess.run(
+        [sys.executable, script, start, pairs, str(out), "0.2", "0.05"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def single_rank_run(tmp_path_factory, start, pairs):
+    run_dir = tmp_path_factory.mktemp("dpo") / "tp1"
+    finetune(run_dir, f"chat.train=[{pairs}]", f"checkpoint.load={start}")
+    return str(run_dir)
+
+
+def assert_like_trl(records, trl_log):
+    steps = [r for r in records if "rewards/chosen" in r]
+    assert len(steps) == len(trl_log) == 2
+    for ours, theirs in zip(steps, trl_log):
+        for key in TRL_KEYS:
+            assert math.isclose(ours[key], theirs[key], rel_tol=1e-4, abs_tol=1e-5), (
+                key,
+                ours[key],
+                theirs[key],
+            )
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)  # policy == reference
+    assert steps[1]["rewards/margins"] > 0.1  # the second step compares something real
+
+
+def test_one_rank_matches_trl(single_rank_run, trl_log):
+    assert_like_trl(metrics(single_rank_run), trl_log)
+
+
+def test_tp2_pp2_matches_trl(tmp_path, start, pairs, trl_log):
+    run_dir = tmp_path / "tp2pp2"
+    layout = ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]
+    finetune(run_dir, f"chat.train=[{pairs}]", f"checkpoint.load={start}", *layout, nproc=4)
+    assert_like_trl(metrics(str(run_dir)), trl_log)
+
+
+def test_precomputed_reference_equals_online_logps(single_rank_run, start, pairs):
+    """The stored log-probabilities equal the HF model's, computed here pair by pair."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stored = np.load(os.path.join(single_rank_run, "reference_logps.npz"))["train"]
+    tok = AutoTokenizer.from_pretrained(start)
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+    for i, line in enumerate(open(pairs)):
+        record = json.loads(line)
+        prompt = [{"role": "user", "content": record["prompt"]}]
+        head = tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)
+        for side, key in enumerate(("chosen", "rejected")):
+            full = prompt + [{"role": "assistant", "content": record[key]}]
+            ids = tok.apply_chat_template(full, return_dict=True)["input_ids"]
+            start_at = len(head["input_ids"])
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0].float()
+            logps = torch.log_softmax(logits[:-1], -1)[torch.arange(len(ids) - 1), ids[1:]]
+            online = logps[start_at - 1 :].sum().item()
+            assert stored[2 * i + side] == pytest.approx(online, rel=1e-5), (i, key)
+
+
+def test_changed_reference_is_refused(single_rank_run, tmp_path, pairs):
+    other = hf_model(tmp_path / "other", seed=1)
+    proc = finetune(
+        single_rank_run, f"chat.train=[{pairs}]", f"checkpoint.load={other}", check=False
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "reference log-probabilities of another reference" in lines[0]
+
+
+def test_overfit_sixteen_pairs(tmp_path, start):
+    from megatron_danube.data.demo_chat import preference_pairs
+
+    train, _ = preference_pairs()
+    path = tmp_path / "pairs16.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in train[:64:4]))
+    run_dir = tmp_path / "overfit"
+    finetune(
+        run_dir,
+        f"chat.train=[{path}]",
+        f"chat.valid=[{path}]",
+        f"checkpoint.load={start}",
+        "chat.pack=true",
+        "chat.epochs=12",
+        "train.global_batch_tokens=2048",
+        "optim.optimizer=adam",
+        "optim.lr=1e-3",
+        "optim.min_lr=1e-4",
+        "logging.eval_interval=4",
+        "logging.eval_at_start=true",
+        nproc=2,
+    )
+    evals = [r for r in metrics(str(run_dir)) if "eval_rewards/accuracies" in r]
+    margins = [r["eval_rewards/margins"] for r in evals]
+    assert evals[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[-1]["eval_rewards/accuracies"] == 1.0, evals[-1]
+    assert all(b > a for a, b in zip(margins, margins[1:])), margins

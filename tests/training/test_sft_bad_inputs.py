@@ -1,0 +1,70 @@
+"""danube-finetune's bad input: one line naming the problem and the fix, exit 2, no model built."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tests.training.test_bad_inputs import _error_line
+
+pytestmark = pytest.mark.slow
+
+CONFIG = os.path.join(REPO, "tests/training/tiny_sft.yaml")
+
+
+def run(module, *overrides, config=CONFIG):
+    args = [sys.executable, "-m", module, "--config", config, *overrides]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def chat(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    record = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    path.write_text(json.dumps(record) + "\n")
+    start = tmp_path / "start"
+    start.mkdir()
+    return [f"chat.train=[{path}]", f"checkpoint.load={start}", f"run_dir={tmp_path / 'run'}"]
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (["chat.train=[]"], "job: sft needs chat.train"),
+        (
+            ["chat.train=[/nonexistent/chat.jsonl]"],
+            "chat.train: /nonexistent/chat.jsonl is not a file",
+        ),
+        (["checkpoint.load=null"], "set checkpoint.load to a run directory"),
+        (["train.global_batch_tokens=300"], "must be chat.seq_length (256) x a multiple"),
+        (["chat.template='{% for m in %}'"], "chat template does not compile"),
+        (["chat.seq_length=100000"], "exceeds model danube-tiny's context 512"),
+        (["chat.truncation=middle"], "chat.truncation"),
+        (["parallel.context_parallel=2"], "set parallel.context_parallel=1"),
+        (["stages=[{seq_length: 64}, {start_tokens: 512, seq_length: 128}]"], "remove stages"),
+    ],
+)
+def test_sft_config_errors(chat, change, expected):
+    line = _error_line(run("megatron_danube.finetune", *chat, *change))
+    assert expected in line
+
+
+def test_pretrain_config_is_refused_by_finetune_and_the_reverse(chat):
+    line = _error_line(run("megatron_danube.finetune", *chat, "job=pretrain"))
+    assert "not a fine-tuning job" in line
+    line = _error_line(run("megatron_danube.pretrain", *chat))
+    assert "run it with danube-finetune" in line
+
+
+def test_data_without_one_usable_record(chat, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "no answer"}]}\n{oops\n')
+    proc = run("megatron_danube.finetune", *chat, f"chat.train=[{bad}]")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "chat.train has no usable sample" in proc.stderr
+    assert f"{bad}:1: no assistant message" in proc.stderr  # the error names file:line
+    assert f"{bad}:2: malformed JSON" in proc.stderr

@@ -1,0 +1,133 @@
+"""danube-finetune end to end on the CPU: from an HF model directory, overfit 8 conversations,
+resume exactly, export with the chat template, and chat through `transformers`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+PRESET = "danube-tiny"
+
+
+def finetune(run_dir, *overrides, nproc=2, check=True, timeout=600):
+    cmd = [sys.executable, "-m", "megatron_danube.finetune"]
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}",
+            "-m",
+            "megatron_danube.finetune",
+        ]
+    args = cmd + ["--config", os.path.join(REPO, "tests/training/tiny_sft.yaml")]
+    args += [f"run_dir={run_dir}", *overrides]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"finetune failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def records(run_dir, key):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if key in r]
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory):
+    """8 training conversations from the pydoc chat demo (multi-turn and system prompts)."""
+    from megatron_danube.data.demo_chat import conversations
+
+    train, _ = conversations()
+    root = tmp_path_factory.mktemp("chat")
+    path = root / "train8.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in train[:8]))
+    return str(path), train[:8]
+
+
+@pytest.fixture(scope="module")
+def hf_start(tmp_path_factory):
+    """A random danube-tiny as an HF MistralForCausalLM directory with the mistral-v1 tokenizer."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from megatron_danube.data.hf_tokenizer import save_hf_tokenizer
+    from megatron_danube.data.tokenizer import load_tokenizer
+    from megatron_danube.models.hf_adapter import hf_config_dict
+    from megatron_danube.models.presets import get_preset
+
+    out = tmp_path_factory.mktemp("hf_start")
+    torch.manual_seed(0)
+    config = MistralConfig(**hf_config_dict(get_preset(PRESET), "float32"))
+    MistralForCausalLM(config).save_pretrained(str(out))
+    save_hf_tokenizer(load_tokenizer("mistral-v1"), str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory, chat_files, hf_start):
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    path, _ = chat_files
+    finetune(run_dir, f"chat.train=[{path}]", f"chat.valid=[{path}]", f"checkpoint.load={hf_start}")
+    return str(run_dir)
+
+
+def test_overfits_eight_conversations_to_near_zero_masked_loss(overfit_run):
+    valid = records(overfit_run, "val_loss")
+    assert valid[0]["val_loss"] > 5.0  # eval_at_start: the random model
+    assert valid[-1]["val_loss"] < 0.05, valid[-1]
+    assert valid[-1]["val_supervised_tokens"] == valid[0]["val_supervised_tokens"]
+    converted = [d for d in os.listdir(overfit_run) if d.startswith("base_from_hf-")]
+    assert len(converted) == 1  # the HF start, converted once
+
+
+def test_resume_reads_what_an_uninterrupted_run_reads(overfit_run, tmp_path, chat_files, hf_start):
+    path, _ = chat_files
+    run_dir = tmp_path / "resumed"
+    args = [f"chat.train=[{path}]", f"chat.valid=[{path}]", f"checkpoint.load={hf_start}"]
+    finetune(run_dir, *args, "train.exit_after_steps=7")
+    assert records(str(run_dir), "loss")[-1]["iteration"] == 7
+    finetune(run_dir, *args)
+    whole = {r["iteration"]: r["loss"] for r in records(overfit_run, "loss") if "val_loss" not in r}
+    resumed = {
+        r["iteration"]: r["loss"] for r in records(str(run_dir), "loss") if "val_loss" not in r
+    }
+    assert whole == resumed
+
+
+def test_export_chats_with_the_template_and_stops_at_eos(overfit_run, tmp_path, chat_files):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_danube.data.chat.template import DANUBE_TEMPLATE
+
+    out = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_danube.cli.convert", "--to", "hf", "--dtype", "float32"]
+        + ["--load", overfit_run, "--save", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == DANUBE_TEMPLATE and config["eos_token"] == "</s>"
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    _, conversations = chat_files
+    messages = conversations[1]["messages"]
+    turn = [i for i, m in enumerate(messages) if m["role"] == "assistant"][0]
+    ids = tok.apply_chat_template(
+        messages[:turn], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    assert ids[0, 0].item() != tok.bos_token_id  # the Danube template has no BOS
+    generated = model.generate(ids, max_new_tokens=120, do_sample=False)[0, ids.shape[1] :]
+    assert generated[-1].item() == tok.eos_token_id and len(generated) < 120  # stopped at </s>
+    assert tok.decode(generated, skip_special_tokens=True) == messages[turn]["content"]

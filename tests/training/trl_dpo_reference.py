@@ -1,0 +1,63 @@
+"""TRL's DPOTrainer on an HF model directory: 2 SGD steps over one batch of all pairs.
+
+    python trl_dpo_reference.py MODEL_DIR PAIRS.jsonl OUT.json BETA LR
+
+Writes TRL's per-step log (loss, rewards/*, logps/*, grad_norm) as JSON. Run in its own
+process so that TRL/accelerate state never touches the test process.
+"""
+
+import json
+import sys
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+
+def main(model_dir, pairs_path, out_path, beta, lr):
+    records = [json.loads(line) for line in open(pairs_path)]
+    # TRL's conversational format: the same template renders prompt and completions.
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in records
+        ]
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    args = DPOConfig(
+        output_dir=out_path + ".trl",
+        beta=float(beta),
+        learning_rate=float(lr),
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=2,
+        per_device_train_batch_size=len(records),
+        gradient_accumulation_steps=1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        max_length=None,
+        seed=0,
+        precompute_ref_log_probs=False,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "rewards/chosen" in h]
+    with open(out_path, "w") as f:
+        json.dump(steps, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
