@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -30,6 +31,30 @@ KNOWN_WARNINGS = (
         r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor).*deprecated.*",
         r"torch\.distributed\..*",
     ),
+    # torch's checkpoint planner on every load of megatron's ShardedTensor-based checkpoints.
+    (r".*deprecating ShardedTensor.*", r"torch\.distributed\.checkpoint.*"),
+    # megatron 0.17+ announces an unused multimodal config class when its package is imported.
+    (r".*MimoModelConfig is experimental.*", r"megatron\..*"),
+    # megatron 0.19 calls torch's checkpoint reader positionally, and in one process for
+    # metadata; torch notes both on every load.
+    (r".*The argument order of load has been changed.*", r"torch\.distributed\.checkpoint.*"),
+    (r".*assuming the intent is to load in a single process.*", r"torch\.distributed\..*"),
+)
+
+# (logger regex, message regex) of megatron-core's own log records that say nothing actionable.
+KNOWN_RECORDS = (
+    # 0.19 points GPTModel users at HybridModel; GPTModel keeps working and gets bug fixes.
+    (r"megatron\.core\.models\.gpt\..*", r"GPTModel IS DEPRECATED"),
+    # 0.18+ rewraps a layer spec's MLP given the 0.16 way; the layer it builds is the same.
+    (r"megatron\.core\.transformer\..*", r"Rewrapping ModuleSpec with module"),
+    # 0.18+ DDP computes the distributed optimizer's buffer layout itself when not given one.
+    (r"megatron\.core\.distributed\..*", r"full_param_layout not provided"),
+    # 0.17+ prefers nvidia-resiliency-ext's writer; megatron's own is chosen on purpose
+    # (runtime/compat.py): it needs no extra package.
+    (r"megatron\.core\.dist_checkpointing\..*", r"MCore's async save is deprecated"),
+    # 0.19 reads the common.pt that saves add for 0.16 to 0.18 (runtime/compat.py) and says
+    # that file is deprecated: it holds the same data as the shards.
+    (r"megatron\.core\.dist_checkpointing\..*", r"load_common is deprecated"),
 )
 
 
@@ -43,6 +68,16 @@ def process_rank() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
+
+
+class KnownRecordFilter(logging.Filter):
+    """Drops the log records listed in KNOWN_RECORDS, by logger and message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(
+            re.match(name, record.name) and re.search(message, record.getMessage())
+            for name, message in KNOWN_RECORDS
+        )
 
 
 class RankFilter(logging.Filter):
@@ -61,6 +96,7 @@ def setup_logging(level: int = logging.INFO) -> None:
         return
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(RankFilter())
+    handler.addFilter(KnownRecordFilter())
     handler.setFormatter(
         logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(message)s", "%H:%M:%S")
     )

@@ -19,6 +19,7 @@ from megatron_danube.convert.checkpoint_io import build_local_model
 from megatron_danube.convert.hf_export import prepare_output
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.config_builder import DTYPES
+from megatron_danube.runtime import compat
 from megatron_danube.training import manifest
 from megatron_danube.training.checkpointing import STATE_FILE
 
@@ -62,8 +63,6 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def to_mcore(load: str, save: str, dtype: Optional[str] = None) -> str:
-    from megatron.core import dist_checkpointing
-
     from megatron_danube.models.full_weights import load_full_weights
     from megatron_danube.models.hf_adapter import hf_to_mcore, model_config_from_hf
 
@@ -84,7 +83,7 @@ def to_mcore(load: str, save: str, dtype: Optional[str] = None) -> str:
     model = build_local_model(model_cfg, DTYPES[dtype])
     load_full_weights([model], full)
     del full, weights
-    dist_checkpointing.save(model.sharded_state_dict(), save)
+    compat.save_checkpoint(model.sharded_state_dict(), save)
     tokenizer = None
     if any(os.path.isfile(os.path.join(load, f)) for f in ("tokenizer.json", "tokenizer.model")):
         tok_dir = os.path.join(save, "tokenizer")
@@ -101,6 +100,7 @@ def to_mcore(load: str, save: str, dtype: Optional[str] = None) -> str:
         "tokenizer_type": "huggingface" if tokenizer else None,
         "converted_from": os.path.abspath(load),
         "checkpoint": os.path.basename(os.path.normpath(save)),
+        "megatron_core": compat.MCORE_VERSION_STRING,
     }
     with open(os.path.join(save, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)

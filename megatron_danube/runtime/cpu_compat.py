@@ -1,8 +1,9 @@
-"""Run megatron-core 0.16 on a machine without CUDA (tests, the CPU demo).
+"""Run megatron-core 0.16.1 to 0.19.x on a machine without CUDA (tests, the CPU demo).
 
 megatron-core assumes CUDA in a few dozen places. Everything needed to run it on the CPU with
 the gloo backend lives in this module, and `apply()` is only ever called when the run's device
-is the CPU: the GPU path never imports a patched function.
+is the CPU: the GPU path never imports a patched function. What a release needs beyond 0.16's
+set is keyed on `compat.FEATURES` (the one place that knows versions).
 
 What is patched, and why (each was hit by a real code path):
 
@@ -20,6 +21,11 @@ What is patched, and why (each was hit by a real code path):
 * `Tensor.cuda()` (distributed-optimizer checkpoint save): returns the tensor itself.
 * `Tensor.type()` without arguments: megatron asserts `grad.type() == "torch.cuda.FloatTensor"`
   in clip_grads and the distributed optimizer; on the CPU the name gains the `cuda.` prefix.
+* `torch.cuda.current_stream()` (0.19+, `FEATURES.grad_sync_uses_cuda_stream`): the DDP
+  gradient sync (`param_and_grad_buffer.start_grad_sync`) takes the current stream on every
+  call, to wait on events of CUDA-graph replays, and fails without a driver. Megatron's modules
+  see a `torch.cuda` whose current stream is a no-op CPU stream (scoped like the factories);
+  torch.cuda itself is untouched. Nothing runs asynchronously on the CPU, so waiting is moot.
 
 The PP=2 + virtual-pipeline wrong-loss trap noted there is *not* CPU specific and is handled
 where the TransformerConfig is made (`models/config_builder.py`), not here.
@@ -85,13 +91,39 @@ def _cpu_tensor_type(original):
     return tensor_type
 
 
+class _CpuStream:
+    """What megatron does with a current stream during the grad sync, as no-ops."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _CudaProxy(types.ModuleType):
+    """`torch.cuda` as megatron's modules see it on the CPU: a no-op current stream."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+        self.current_stream = lambda *args, **kwargs: _CpuStream()
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
 class _TorchProxy(types.ModuleType):
     """`torch` as megatron's modules see it on the CPU: factories map CUDA devices to CPU."""
 
-    def __init__(self):
+    def __init__(self, cpu_streams: bool = False):
         super().__init__("torch")
         for name in _FACTORIES + _FACTORIES_LIKE:
             setattr(self, name, _redirect_device(getattr(torch, name)))
+        if cpu_streams:
+            self.cuda = _CudaProxy()
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -139,7 +171,9 @@ def apply() -> None:
             "applied next to a GPU; use train.device=auto or cuda"
         )
 
-    _proxy_megatron_modules(_TorchProxy())
+    from megatron_danube.runtime.compat import FEATURES
+
+    _proxy_megatron_modules(_TorchProxy(cpu_streams=FEATURES.grad_sync_uses_cuda_stream))
     # Global, but only meaningful for megatron's CUDA-type assertions (see the module doc).
     torch.Tensor.type = _cpu_tensor_type(torch.Tensor.type)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self

@@ -23,6 +23,7 @@ from megatron_danube.config import ParallelLayout
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.layer_specs import resolve_spec
 from megatron_danube.models.presets import DanubeModelConfig
+from megatron_danube.runtime import compat
 from megatron_danube.runtime.layout import validate_layout
 
 
@@ -149,6 +150,7 @@ def check_layout(
     env: Optional[dict] = None,
 ) -> tuple:
     """Validate everything that can be checked before a process group exists."""
+    compat.check_supported()
     launch = read_launch_env(env)
     device_type = resolve_device(device)
     resolved_spec = resolve_spec(spec, device_type)
@@ -240,7 +242,24 @@ LAUNCHER_VARS = (
     "SLURM_NTASKS",
     "MASTER_ADDR",
     "MASTER_PORT",
+    # torchrun's agent: a child that sees these joins (and waits on) the agent's store
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
 )
+
+
+def is_launcher_var(name: str) -> bool:
+    return name in LAUNCHER_VARS or name.startswith("TORCHELASTIC_")
+
+
+def launcher_free_env() -> dict:
+    """This process's environment without the launcher's rank variables, for a child process
+    that must start its own one-rank group (e.g. a converter run from rank 0)."""
+    return {k: v for k, v in os.environ.items() if not is_launcher_var(k)}
 
 
 @contextlib.contextmanager
@@ -251,8 +270,8 @@ def single_process_env():
     launches later (tests do launch them).
     """
     saved = dict(os.environ)
-    for var in LAUNCHER_VARS:
-        os.environ.pop(var, None)
+    for var in [k for k in os.environ if is_launcher_var(k)]:
+        os.environ.pop(var)
     try:
         yield
     finally:

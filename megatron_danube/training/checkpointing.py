@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_danube.config.sections import CheckpointSection
 from megatron_danube.errors import DanubeConfigError
+from megatron_danube.runtime import compat
 from megatron_danube.runtime.distributed import all_ranks_agree, raise_rank0_problem
 from megatron_danube.training import manifest
 
@@ -117,6 +118,9 @@ def ensure_optimizer_state(optimizer) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt.optimizer, torch.optim.SGD):
+            _ensure_sgd_state(opt)
+            continue
         if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
             saved_lrs = [g["lr"] for g in opt.optimizer.param_groups]
             for g in opt.optimizer.param_groups:
@@ -124,6 +128,22 @@ def ensure_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
             for g, lr in zip(opt.optimizer.param_groups, saved_lrs):
                 g["lr"] = lr
+
+
+def _ensure_sgd_state(opt) -> None:
+    """megatron has no state initialiser for SGD (loading its checkpoint fails on a None
+    `init_state_fn`): give each parameter the momentum buffer a step would have made."""
+
+    def init_sgd_state(inner, config=None):
+        for group in inner.param_groups:
+            if group.get("momentum", 0):
+                for param in group["params"]:
+                    state = inner.state[param]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(param)
+
+    if getattr(opt, "init_state_fn", None) is None:
+        opt.init_state_fn = init_sgd_state
 
 
 def load_optimizer_state(optimizer, state_dict) -> None:
@@ -156,6 +176,7 @@ def load_optimizer_state(optimizer, state_dict) -> None:
         opt._set_main_param_and_optimizer_states = set_states
         patched.append((opt, original))
     try:
+        compat.align_param_groups(optimizer, state_dict)
         optimizer.load_state_dict(state_dict)
     finally:
         for opt, original in patched:
@@ -246,7 +267,7 @@ def start_writer_helpers_immune_to_signals() -> None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
-    start = getattr(filesystem_async, "_get_write_results_queue", None)
+    start = getattr(filesystem_async, compat.FEATURES.writer_queue_helper, None)
     if start is None or getattr(filesystem_async, "_results_queue", None) is not None:
         return
     stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -334,19 +355,20 @@ class CheckpointManager:
             )
         sharded["rng_state"] = _rng_sharded_object(is_loading=False)
         state = dict(train_state, layout=_layout_signature(), checkpoint=name)
+        state["megatron_core"] = compat.MCORE_VERSION_STRING
 
         def finalize():
             self._finalize(name, partial, final, state)
 
         try:
             if self._async_queue is not None:
-                request = dist_checkpointing.save(
-                    sharded, partial, async_sharded_save=True, validate_access_integrity=True
+                request = compat.save_checkpoint(
+                    sharded, partial, async_save=True, validate_access_integrity=True
                 )
                 request.add_finalize_fn(finalize)
                 self._async_queue.schedule_async_request(request)
             else:
-                dist_checkpointing.save(sharded, partial, validate_access_integrity=True)
+                compat.save_checkpoint(sharded, partial, validate_access_integrity=True)
                 finalize()
         except Exception as exc:
             # A half-written save must not keep the disk full; `latest` still names the last
@@ -444,6 +466,7 @@ class CheckpointManager:
             problem = verify_checkpoint(path)
             if problem:
                 raise DanubeConfigError(f"checkpoint {path} is damaged: {problem}")
+        compat.check_readable(path, state)
         sharded = model_sharded_state_dict(chunks)
         if load_optimizer and optimizer is not None:
             ensure_optimizer_state(optimizer)
@@ -473,3 +496,27 @@ class CheckpointManager:
                 torch.cuda.set_rng_state(rng["cuda"])
             get_cuda_rng_tracker().set_states(rng["tracker"])
         return state
+
+
+def resolve_checkpoint(path: str, what: str = "--load") -> str:
+    """A run dir, its checkpoints/ dir, or an iter_* dir -> the iter dir to read.
+
+    The checkpoint is verified against its manifest; a run dir whose `latest` is damaged
+    resolves to its newest intact checkpoint (with a warning), as a resume would.
+    """
+    if not os.path.isdir(path):
+        raise DanubeConfigError(f"{what} {path}: no such directory")
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        problem = verify_checkpoint(path)
+        if problem:
+            raise DanubeConfigError(f"checkpoint {path} is damaged: {problem}")
+        return path
+    for run_dir in (path, os.path.dirname(os.path.normpath(path))):
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        if os.path.isdir(ckpt_dir) and (run_dir == path or os.path.samefile(ckpt_dir, path)):
+            found = CheckpointManager(run_dir).latest()
+            if found:
+                return found
+    raise DanubeConfigError(
+        f"{what} {path}: not a megatron_danube checkpoint (no {STATE_FILE}, no latest pointer)"
+    )

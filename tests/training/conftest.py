@@ -28,11 +28,12 @@ def corpora(tmp_path_factory):
     return prefixes
 
 
-def pretrain_cmd(nproc, launcher="torch.distributed.run"):
+def pretrain_cmd(nproc, launcher="torch.distributed.run", python=None):
+    python = python or sys.executable  # another interpreter: the cross-version tests
     if nproc == 1:
-        return [sys.executable, "-m", "megatron_danube.pretrain"]
+        return [python, "-m", "megatron_danube.pretrain"]
     return [
-        sys.executable,
+        python,
         "-m",
         launcher,
         f"--nproc-per-node={nproc}",
@@ -52,8 +53,9 @@ def run_pretrain(
     check=True,
     background=False,
     launcher="torch.distributed.run",
+    python=None,
 ):
-    args = pretrain_cmd(nproc, launcher) + [
+    args = pretrain_cmd(nproc, launcher, python) + [
         "--config",
         os.path.join(REPO, config),
         f"run_dir={run_dir}",
@@ -75,7 +77,8 @@ def run_pretrain(
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"pretrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+            f"pretrain ({args[0]}) failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-6000:]}"
         )
     return proc
 

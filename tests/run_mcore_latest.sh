@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The newest supported megatron-core line (0.19.x, which needs Python >= 3.12) on the CPU: the
+# fast tier, the layout-parity launch, the resume and checkpoint tests (the cross-version ones
+# against another interpreter's megatron-core: DANUBE_OTHER_PYTHON, else python3 and friends),
+# conversion both ways, and the README's demo with its export and comparison.
+# The virtual environment lives in .cache/py312 and is reused while it is a Python 3.12 one;
+# pip's own cache keeps a rebuild short. Arguments go to both pytest runs (e.g. -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MCORE="${DANUBE_MCORE_LATEST:-megatron-core>=0.19.2,<0.20}"
+VENV=.cache/py312
+PY="$VENV/bin/python"
+
+step() {
+    echo "mcore-latest: $1 (at ${SECONDS}s)"
+}
+
+if ! python312=$(command -v python3.12); then
+    echo "mcore-latest: python3.12 is not on PATH (megatron-core 0.17+ needs Python >= 3.12)" >&2
+    exit 1
+fi
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+    step "creating $VENV with $python312"
+    rm -rf "$VENV"
+    "$python312" -m venv "$VENV"
+fi
+step "installing (pip only checks what is already there)"
+"$PY" -m pip install -q --upgrade pip
+# PyPI has no CPU build of torch for Python 3.12: this is the CUDA build (about 4.7 GB
+# installed), which runs on the CPU like the CPU build does.
+"$PY" -m pip install -q "torch==2.13.0" -e ".[test]"
+"$PY" -m pip install -q --upgrade "$MCORE"
+"$PY" - <<'EOF'
+import logging
+import sys
+
+import torch
+
+from megatron_danube.runtime import compat
+
+logging.basicConfig(level=logging.INFO, format="mcore-latest: %(message)s")
+logging.info(
+    "Python %s, torch %s, megatron-core %s",
+    sys.version.split()[0],
+    torch.__version__,
+    compat.MCORE_VERSION_STRING,
+)
+EOF
+
+step "fast tier"
+"$PY" -m pytest -q -rs -m "not slow" "$@"
+
+step "parity, resume, checkpoints (both releases), conversion"
+"$PY" -m pytest -q -rs -m slow "$@" \
+    tests/parallel \
+    tests/training/test_pretrain_resume.py \
+    tests/training/test_checkpointing.py \
+    tests/training/test_checkpoint_cross_version.py \
+    tests/tools/test_convert_checkpoint.py
+
+step "the README's demo, export and comparison"
+demo=$(mktemp -d)
+trap 'rm -rf "$demo"' EXIT
+"$VENV/bin/torchrun" --nproc-per-node 2 -m megatron_danube.pretrain \
+    --config examples/configs/danube-tiny-cpu.yaml run_dir="$demo/run"
+"$VENV/bin/danube-convert" --to hf --load "$demo/run" --save "$demo/hf"
+"$VENV/bin/danube-compare" --hf "$demo/hf" --mcore "$demo/run"
+step "done"
