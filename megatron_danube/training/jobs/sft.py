@@ -222,14 +222,14 @@ class SFTJob:
         sets = {"train": check_files(chat.train, "chat.train")}
         if chat.valid:
             sets["valid"] = check_files(chat.valid, "chat.valid")
-        loaded, key = {}, None
+        loaded, keys = {}, {}
         for build in (True, False):  # rank 0 builds the caches, then every rank reads them
             if build == is_main:
                 for name, paths in sets.items():
                     loaded[name], path = load_or_build(
                         paths, encoder, cache_dir, name, build, kind=self.kind
                     )
-                    key = key or os.path.basename(path)
+                    keys[name] = os.path.basename(path)
             dist.barrier()
         for name, samples in loaded.items():
             log = logger.warning if samples.stats.get("bad_records") else logger.info
@@ -240,7 +240,8 @@ class SFTJob:
         valid = loaded.get("valid")
         if valid is None and chat.valid_fraction > 0:
             valid, train = self._hold_out(train, chat.valid_fraction)
-        return train, valid, key
+        # Names every tokenized set the run reads (DPO keys its reference log-probs by it).
+        return train, valid, "+".join(keys[name] for name in sets)
 
     def _hold_out(self, samples, fraction: float):
         """(held-out, rest), a deterministic share of the samples."""
