@@ -19,33 +19,22 @@ os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 FINETUNE_JOBS = ("sft", "dpo")
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="YAML run config (see examples/configs/*-sft.yaml)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+def build(cfg):
+    """(job, model config) of an SFT or DPO config."""
+    from megatron_danube.errors import DanubeConfigError
+    from megatron_danube.training.jobs import dpo, sft
+
+    if cfg.job not in FINETUNE_JOBS:
+        raise DanubeConfigError(
+            f"job: {cfg.job} is not a fine-tuning job; set job: sft or dpo, or run danube-pretrain"
+        )
+    return (dpo if cfg.job == "dpo" else sft).build(cfg)
 
 
 def main(argv=None) -> None:
-    from megatron_danube.cli.common import run_command
-    from megatron_danube.training.trainer import StopRequest
+    from megatron_danube.cli.common import run_training
 
-    stop = StopRequest()  # first, so a signal during start-up is not lost
-
-    def body(args) -> int:
-        from megatron_danube.config import load_config
-        from megatron_danube.errors import DanubeConfigError
-        from megatron_danube.training import trainer
-        from megatron_danube.training.jobs import dpo, sft
-
-        cfg = load_config(args.config, args.overrides)
-        if cfg.job not in FINETUNE_JOBS:
-            raise DanubeConfigError(
-                f"job: {cfg.job} is not a fine-tuning job; set job: sft or dpo, or run "
-                f"danube-pretrain"
-            )
-        job, model_cfg = (dpo if cfg.job == "dpo" else sft).build(cfg)
-        return trainer.run(cfg, job, model_cfg, stop)
-
-    sys.exit(run_command("danube-finetune", __doc__.splitlines()[0], add_arguments, body, argv))
+    sys.exit(run_training("danube-finetune", __doc__.splitlines()[0], build, argv))
 
 
 if __name__ == "__main__":

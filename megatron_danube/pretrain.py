@@ -17,33 +17,20 @@ import sys
 os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="YAML run config (see examples/configs)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+def build(cfg):
+    """(job, model config) of a pretraining config."""
+    from megatron_danube.errors import DanubeConfigError
+    from megatron_danube.training.jobs import pretrain
+
+    if cfg.job != "pretrain":
+        raise DanubeConfigError(f"job: {cfg.job} is a fine-tuning job; run it with danube-finetune")
+    return pretrain.build(cfg)
 
 
 def main(argv=None) -> None:
-    from megatron_danube.cli.common import run_command
-    from megatron_danube.training.trainer import StopRequest
+    from megatron_danube.cli.common import run_training
 
-    stop = StopRequest()  # first, so a signal during start-up is not lost
-
-    def body(args) -> int:
-        from megatron_danube.config import load_config
-        from megatron_danube.training import trainer
-        from megatron_danube.training.jobs import pretrain
-
-        cfg = load_config(args.config, args.overrides)
-        if cfg.job != "pretrain":
-            from megatron_danube.errors import DanubeConfigError
-
-            raise DanubeConfigError(
-                f"job: {cfg.job} is a fine-tuning job; run it with danube-finetune"
-            )
-        job, model_cfg = pretrain.build(cfg)
-        return trainer.run(cfg, job, model_cfg, stop)
-
-    sys.exit(run_command("danube-pretrain", __doc__.splitlines()[0], add_arguments, body, argv))
+    sys.exit(run_training("danube-pretrain", __doc__.splitlines()[0], build, argv))
 
 
 if __name__ == "__main__":

@@ -50,3 +50,27 @@ def report(text: str = "") -> None:
     """A command's result (a table, a summary) goes to stdout; diagnostics go to logging."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def run_training(prog: str, description: str, build: Callable, argv=None) -> int:
+    """danube-pretrain and danube-finetune: stop signals first, then config, job and trainer.
+
+    `build(cfg)` checks that the config is this command's job and returns (job, model config).
+    """
+    from megatron_danube.training.trainer import StopRequest
+
+    stop = StopRequest()  # first, so a signal during start-up is not lost
+
+    def add_arguments(parser) -> None:
+        parser.add_argument("--config", help="YAML run config (see examples/configs)")
+        parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+    def body(args) -> int:
+        from megatron_danube.config import load_config
+        from megatron_danube.training import trainer
+
+        cfg = load_config(args.config, args.overrides)
+        job, model_cfg = build(cfg)
+        return trainer.run(cfg, job, model_cfg, stop)
+
+    return run_command(prog, description, add_arguments, body, argv)

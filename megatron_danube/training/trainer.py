@@ -317,15 +317,10 @@ class Trainer:
             return self.cfg.logging.peak_tflops
         return H100_BF16_DENSE_TFLOPS if self.rt.device.type == "cuda" else None
 
-    def evaluate(self, final: bool = False) -> None:
+    def forward_only(self, batches: List[StepBatch], forward_step, report_sizes) -> dict:
+        """The loss function's reports summed over `batches`, the model in eval mode, no grads."""
         from megatron_danube.training.step import forward_backward
 
-        if final and self.last_eval_iteration == self.state.iteration:
-            return  # the interval's validation just ran at this very step
-        batches = self.job.eval_batches(self.state)
-        if not batches:
-            return
-        self.last_eval_iteration = self.state.iteration
         totals = None
         for chunk in self.chunks:
             chunk.eval()
@@ -338,14 +333,24 @@ class Trainer:
                     seq_length=b.seq_length,
                     micro_batch_size=b.micro_batch_size,
                     forward_only=True,
-                    forward_step_func=self.job.forward_step,
-                    report_sizes=self.job.report_sizes,
+                    forward_step_func=forward_step,
+                    report_sizes=report_sizes,
                 )
                 totals = (
                     reports if totals is None else {k: totals[k] + v for k, v in reports.items()}
                 )
         for chunk in self.chunks:
             chunk.train()
+        return totals
+
+    def evaluate(self, final: bool = False) -> None:
+        if final and self.last_eval_iteration == self.state.iteration:
+            return  # the interval's validation just ran at this very step
+        batches = self.job.eval_batches(self.state)
+        if not batches:
+            return
+        self.last_eval_iteration = self.state.iteration
+        totals = self.forward_only(batches, self.job.forward_step, self.job.report_sizes)
         record = {"iteration": self.state.iteration, "consumed_tokens": self.state.consumed_tokens}
         record.update(self.job.eval_metrics(totals))
         self.metrics.write(record, self.state.iteration, prefix="valid")

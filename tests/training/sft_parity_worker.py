@@ -34,12 +34,12 @@ from megatron_danube.models.config_builder import build_transformer_config  # no
 from megatron_danube.models.full_weights import (  # noqa: E402
     full_named_parameters,
     load_full_weights,
-    local_slices,
 )
 from megatron_danube.models.presets import get_preset  # noqa: E402
 from megatron_danube.runtime.distributed import initialize  # noqa: E402
 from megatron_danube.training.jobs.sft import SFTJob  # noqa: E402
 from megatron_danube.training.step import forward_backward, wrap_with_ddp  # noqa: E402
+from tests.parallel.parity_worker import relative_errors  # noqa: E402
 
 MODEL = get_preset("danube-test")  # sliding window 8: shorter than most conversations
 SEQ = 48  # tokens per packed row
@@ -146,17 +146,6 @@ def run_case(layout: ParallelLayout, samples, full, mbs: int, documents: bool = 
     return ddp, totals["lm loss"]
 
 
-def max_relative_error(chunks, full_grads):
-    worst, where = 0.0, ""
-    for name, param, ref in local_slices(chunks, full_grads):
-        err = (param.main_grad.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)
-        if err.item() > worst:
-            worst, where = err.item(), name
-    t = torch.tensor([worst], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item(), where
-
-
 CASES = {
     # name: (layout, micro-batch size, document bounds)
     "tp1_dp2": (ParallelLayout(), 1, True),
@@ -177,7 +166,7 @@ def main(out_path: str) -> None:
     for name, (layout, mbs, documents) in CASES.items():
         try:
             ddp, report = run_case(layout, samples, full, mbs, documents)
-            grad_rel, where = max_relative_error(ddp, ref_grads)
+            grad_rel, where = relative_errors(ddp, ref_grads, "grad")
             results[name] = {
                 "loss_sum": report[0].item(),
                 "supervised": report[1].item(),

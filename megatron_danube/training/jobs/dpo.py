@@ -203,30 +203,11 @@ class DPOJob(SFTJob):
         logger.info("reference log-probabilities of %d training pairs recorded in %s", pairs, path)
 
     def _reference_logps(self, trainer, samples, packs) -> np.ndarray:
-        from megatron_danube.training.step import forward_backward
-
         total = len(samples)  # two slots per pair: chosen, rejected
         step = partial(packed_step, partial(_reference_loss, total=total))
-        result = torch.zeros(total, dtype=torch.float64)
-        for chunk in trainer.chunks:
-            chunk.eval()
-        with torch.no_grad():
-            for first in range(0, len(packs), self.packs_per_step):
-                batch = self._batch(samples, packs[first : first + self.packs_per_step])
-                reports = forward_backward(
-                    trainer.chunks,
-                    batch.iterators,
-                    num_microbatches=batch.num_microbatches,
-                    seq_length=batch.seq_length,
-                    micro_batch_size=batch.micro_batch_size,
-                    forward_only=True,
-                    forward_step_func=step,
-                    report_sizes={"ref": total},
-                )
-                result += reports["ref"].cpu()
-        for chunk in trainer.chunks:
-            chunk.train()
-        return result.numpy()
+        n = self.packs_per_step
+        batches = [self._batch(samples, packs[i : i + n]) for i in range(0, len(packs), n)]
+        return trainer.forward_only(batches, step, {"ref": total})["ref"].cpu().numpy()
 
     def state_extra(self, state) -> dict:
         return dict(super().state_extra(state), reference=self.reference_key())

@@ -37,13 +37,25 @@ def check_run_dir(run_dir: str) -> None:
         raise DanubeConfigError(f"{ckpts} is a file; move it away or choose another run_dir")
 
 
+def load_run_tokenizer(cfg: RunConfig, model, fix: str):
+    """The run's tokenizer, refused (naming `fix`) when it has more tokens than the model."""
+    from megatron_danube.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise DanubeConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but model {model.name} has vocab "
+            f"{model.vocab_size}; {fix}"
+        )
+    return tokenizer
+
+
 def check_config(cfg: RunConfig):
     """Everything that can be checked before a process group or any data exists.
 
     Returns (model config, planned stages, tokenizer, the layout check's answer).
     """
     from megatron_danube.data.datasets import check_prefixes, parse_blend
-    from megatron_danube.data.tokenizer import load_tokenizer
     from megatron_danube.models.presets import get_preset
     from megatron_danube.runtime.distributed import check_layout
 
@@ -55,12 +67,9 @@ def check_config(cfg: RunConfig):
     launch, device_type, _ = checked
     stages = plan_stages(cfg, cfg.parallel.data_parallel(launch.world_size), max_seq)
     check_run_dir(cfg.run_dir)
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
-    if tokenizer.vocab_size > model.vocab_size:
-        raise DanubeConfigError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but model {model.name} has vocab "
-            f"{model.vocab_size}; use a matching tokenizer or model.overrides.vocab_size"
-        )
+    tokenizer = load_run_tokenizer(
+        cfg, model, "use a matching tokenizer or model.overrides.vocab_size"
+    )
     _check_split(cfg.data.split)
     missing_ok = {cfg.data.demo_corpus_prefix} if cfg.data.demo_corpus_prefix else set()
     for stage in stages:

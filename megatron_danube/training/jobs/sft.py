@@ -44,10 +44,9 @@ def check_config(cfg: RunConfig):
     from megatron_danube.data.chat.encoder import chat_backend
     from megatron_danube.data.chat.records import check_files
     from megatron_danube.data.chat.template import ChatTemplate, resolve_template
-    from megatron_danube.data.tokenizer import load_tokenizer
     from megatron_danube.models.presets import get_preset
     from megatron_danube.runtime.distributed import check_layout
-    from megatron_danube.training.jobs.pretrain import check_run_dir
+    from megatron_danube.training.jobs.pretrain import check_run_dir, load_run_tokenizer
 
     chat, train = cfg.chat, cfg.train
     if len(cfg.stages) > 1:
@@ -93,12 +92,7 @@ def check_config(cfg: RunConfig):
     if not os.path.isdir(cfg.checkpoint.load):
         raise DanubeConfigError(f"checkpoint.load={cfg.checkpoint.load} is not a directory")
     check_run_dir(cfg.run_dir)
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
-    if tokenizer.vocab_size > model.vocab_size:
-        raise DanubeConfigError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but model {model.name} has vocab "
-            f"{model.vocab_size}; use the tokenizer the model was trained with"
-        )
+    tokenizer = load_run_tokenizer(cfg, model, "use the tokenizer the model was trained with")
     _, special = chat_backend(tokenizer)
     ChatTemplate(resolve_template(chat.template), special)  # a broken template fails now
     return model, tokenizer, checked
