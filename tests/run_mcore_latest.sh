@@ -15,8 +15,32 @@ step() {
     echo "mcore-latest: $1 (at ${SECONDS}s)"
 }
 
-if ! python312=$(command -v python3.12); then
-    echo "mcore-latest: python3.12 is not on PATH (megatron-core 0.17+ needs Python >= 3.12)" >&2
+# A Python 3.12 found by name: `python3.12` on PATH when it runs; where that is a pyenv shim
+# for a version pyenv does not have selected (it exits with "command not found"), the 3.12
+# that pyenv has installed.
+runs_312() {
+    "$@" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1
+}
+find_python312() {
+    local candidate version
+    if candidate=$(command -v python3.12) && runs_312 "$candidate"; then
+        echo "$candidate"
+        return 0
+    fi
+    if command -v pyenv >/dev/null; then
+        for version in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.|$)' | sort -rV); do
+            if candidate=$(PYENV_VERSION="$version" pyenv which python3.12 2>/dev/null) \
+                && runs_312 "$candidate"; then
+                echo "$candidate"
+                return 0
+            fi
+        done
+    fi
+    return 1
+}
+if ! python312=$(find_python312); then
+    echo "mcore-latest: no working python3.12 on PATH or in pyenv (megatron-core 0.17+ needs" \
+        "Python >= 3.12); install Python 3.12 and put python3.12 on PATH" >&2
     exit 1
 fi
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
