@@ -20,8 +20,18 @@ from megatron_danube.errors import DanubeConfigError
 _SCALARS = (bool, int, float, str)
 
 
+# Keys that megatron-core's own dataclasses gained in a later release than the oldest one
+# supported: unknown on an older install, which the error then says.
+NEWER_MEGATRON_KEYS = {"optim.grad_norm_skip_threshold": "0.18"}
+
+
 def unknown_key(full: str, known) -> DanubeConfigError:
     """'unknown config key' with the closest known keys, or all of them when there are few."""
+    if full in NEWER_MEGATRON_KEYS:
+        return DanubeConfigError(
+            f"config key {full!r} needs megatron-core {NEWER_MEGATRON_KEYS[full]} or newer; "
+            f"upgrade megatron-core or remove the key"
+        )
     name = full.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
     close += [k for k in known if name in k and k not in close][: 3 - len(close)]
@@ -268,6 +278,15 @@ def check_values(cfg: RunConfig) -> None:
     _require(
         t.exit_after_steps is None or t.exit_after_steps > 0,
         "train.exit_after_steps must be >= 1 or null",
+    )
+    _require(
+        o.optimizer in ("adam", "sgd"),
+        f"optim.optimizer={o.optimizer!r}; use 'adam' (AdamW, the recipe's) or 'sgd'",
+    )
+    _require(
+        o.optimizer == "adam" or not o.use_distributed_optimizer,
+        "optim.optimizer='sgd' needs optim.use_distributed_optimizer=false (megatron's "
+        "distributed optimizer shards Adam only)",
     )
     _require(o.lr is not None and o.lr >= 0, f"optim.lr={o.lr}; the learning rate must be >= 0")
     _require(o.min_lr is None or 0 <= o.min_lr <= o.lr, "optim.min_lr must be in [0, optim.lr]")

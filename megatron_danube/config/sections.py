@@ -133,7 +133,9 @@ class TrainSection:
     device: DeviceChoice = "auto"
     """`cuda` (nccl) or `cpu` (gloo); `auto` picks CUDA where visible."""
     max_bad_steps: int = 5
-    """Non-finite losses in a row before the run saves and stops (exit 1)."""
+    """Skipped steps in a row (non-finite loss or gradients, or a gradient norm over
+    `optim.grad_norm_skip_threshold` on megatron-core 0.18+) before the run saves and stops
+    (exit 1)."""
     exit_after_steps: Optional[int] = None
     """Stop, with a checkpoint, after this many steps of this process."""
 

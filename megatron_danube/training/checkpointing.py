@@ -130,6 +130,40 @@ def ensure_optimizer_state(optimizer) -> None:
                 g["lr"] = lr
 
 
+def materialise_fresh_optimizer_state(optimizer) -> None:
+    """Give an optimizer that has never stepped the state a fresh one stands for, so it can be
+    saved: megatron's distributed optimizer cannot describe an empty state (`assert
+    len(steps) == 1`), which a run whose every step so far was skipped still has.
+
+    One step at lr 0 on zero gradients creates the state tensors without moving a weight; they
+    are then zeroed, Adam's step included, which is exactly torch's state before a first step
+    (and, for SGD without dampening, a zero momentum buffer equals none): a resume from this
+    checkpoint trains as the uninterrupted run does.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", opt)
+        if len(inner.state) > 0:
+            continue
+        saved_lrs = [group["lr"] for group in inner.param_groups]
+        params = [p for group in inner.param_groups for p in group["params"] if p.numel() > 0]
+        saved_grads = [p.grad for p in params]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        try:
+            inner.step()
+        finally:
+            for group, lr in zip(inner.param_groups, saved_lrs):
+                group["lr"] = lr
+            for p, grad in zip(params, saved_grads):
+                p.grad = grad
+        for state in inner.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+
+
 def _ensure_sgd_state(opt) -> None:
     """megatron has no state initialiser for SGD (loading its checkpoint fails on a None
     `init_state_fn`): give each parameter the momentum buffer a step would have made."""
@@ -175,6 +209,7 @@ def load_optimizer_state(optimizer, state_dict) -> None:
 
         opt._set_main_param_and_optimizer_states = set_states
         patched.append((opt, original))
+    _restore_zero_adam_step(state_dict)
     try:
         compat.align_param_groups(optimizer, state_dict)
         optimizer.load_state_dict(state_dict)
@@ -182,6 +217,27 @@ def load_optimizer_state(optimizer, state_dict) -> None:
         for opt, original in patched:
             opt._set_main_param_and_optimizer_states = original
     fix_shared_adam_step(optimizer)
+
+
+def _restore_zero_adam_step(state_dict) -> None:
+    """megatron's non-distributed optimizer saves Adam's shared step only when it is truthy
+    (`if step:`), so a state saved before the first step (step 0) comes back without one and
+    torch's Adam fails on it (`KeyError: 'step'`). Put the zero back."""
+    if isinstance(state_dict, (list, tuple)):
+        for item in state_dict:
+            _restore_zero_adam_step(item)
+        return
+    if not isinstance(state_dict, dict):
+        return
+    per_param = state_dict.get("state")
+    if isinstance(per_param, dict) and "param_groups" in state_dict:
+        adam_states = [v for v in per_param.values() if isinstance(v, dict) and "exp_avg" in v]
+        if adam_states and "common_step" not in per_param:
+            if not any("step" in v for v in adam_states):
+                per_param["common_step"] = torch.tensor(0.0)
+        return
+    for value in state_dict.values():
+        _restore_zero_adam_step(value)
 
 
 def read_train_state(path: str) -> dict:
@@ -350,6 +406,7 @@ class CheckpointManager:
         _barrier()
         sharded = model_sharded_state_dict(chunks)
         if optimizer is not None:
+            materialise_fresh_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 sharded, is_loading=False, metadata=OPTIMIZER_METADATA
             )

@@ -207,8 +207,20 @@ def train_step(
         return result
     if not math.isfinite(loss) or not grads_are_finite(chunks):
         result["skipped"] = True  # never step on a non-finite loss or gradient
+        result["skip_reason"] = "non-finite loss or gradients"
         return result
     success, grad_norm, _ = optimizer.step()
     result["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
     result["skipped"] = not success
+    if not success:
+        result["skip_reason"] = _why_megatron_skipped(optimizer, result["grad_norm"])
     return result
+
+
+def _why_megatron_skipped(optimizer, grad_norm: float) -> str:
+    """megatron's optimizer declined the update: a gradient norm over the threshold (0.18+)
+    or an fp16 loss-scale overflow."""
+    threshold = getattr(optimizer.config, "grad_norm_skip_threshold", math.inf)
+    if math.isfinite(grad_norm) and grad_norm > threshold:
+        return f"grad norm {grad_norm:.4g} above optim.grad_norm_skip_threshold={threshold:g}"
+    return "the optimizer found non-finite gradients (fp16 loss-scale overflow)"

@@ -110,6 +110,7 @@ class Trainer:
         self.state = TrainState()
         self.exit_code, self.reason = 0, "finished"
         self.last_eval_iteration: Optional[int] = None
+        self.last_skip_reason = ""
 
     # ------------------------------------------------------------------------------ build
     def build(self) -> None:
@@ -260,9 +261,11 @@ class Trainer:
         if result["skipped"]:
             s.skipped_steps += 1
             s.bad_steps_in_row += 1
+            self.last_skip_reason = result.get("skip_reason", "unknown")
             logger.warning(
-                "iteration %d skipped: non-finite loss or gradients (loss %s)",
+                "iteration %d skipped: %s (loss %s)",
                 s.iteration,
+                self.last_skip_reason,
                 result["loss"],
             )
         else:
@@ -272,7 +275,7 @@ class Trainer:
         s, train = self.state, self.cfg.train
         if s.bad_steps_in_row >= train.max_bad_steps:
             self.exit_code = 1
-            return f"{s.bad_steps_in_row} non-finite steps in a row (loss or gradients)"
+            return f"{s.bad_steps_in_row} skipped steps in a row (last: {self.last_skip_reason})"
         if train.exit_after_steps and steps_this_run >= train.exit_after_steps:
             return f"exit_after_steps={train.exit_after_steps}"
         return None

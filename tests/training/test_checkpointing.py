@@ -17,16 +17,16 @@ from megatron_danube.training.step import train_step, wrap_with_ddp
 MODEL = get_preset("danube-test")
 
 
-def _build(seed):
+def _build(seed, distributed=True, **optim):
     torch.manual_seed(seed)
     config = build_transformer_config(MODEL, ParallelLayout(), spec="local", device_type="cpu")
     chunks = wrap_with_ddp(
         build_model_chunks(MODEL, config, "local", torch.device("cpu")),
         config,
-        use_distributed_optimizer=True,
+        use_distributed_optimizer=distributed,
     )
-    opt = make_optimizer(OptimSection(lr=1e-2), chunks, config)
-    return chunks, opt
+    section = OptimSection(lr=1e-2, use_distributed_optimizer=distributed, **optim)
+    return chunks, make_optimizer(section, chunks, config)
 
 
 def _batch(step):
@@ -81,6 +81,36 @@ def test_checkpoint_shared_adam_step_regression(single_rank, tmp_path):
     assert all(s.item() == 3 for s in _adam_steps(fresh_opt))
     for p, q in zip(chunks[0].parameters(), fresh_chunks[0].parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "distributed, optim",
+    [(True, {}), (False, {}), (False, {"optimizer": "sgd", "sgd_momentum": 0.9})],
+    ids=["distributed-adam", "adam", "sgd-momentum"],
+)
+def test_a_save_before_any_optimizer_step_resumes_exactly(
+    single_rank, tmp_path, distributed, optim
+):
+    """Every step so far skipped (non-finite, or over grad_norm_skip_threshold), then a save:
+    the optimizer has no state yet. The save must work, leave the weights alone, and a resume
+    from it must train exactly as the run that never stopped."""
+    chunks, opt = _build(0, distributed, **optim)
+    before = [p.detach().clone() for p in chunks[0].parameters()]
+    manager = CheckpointManager(str(tmp_path))
+    path = manager.save(0, chunks, opt, {"iteration": 0, "consumed_tokens": 0})
+    assert path is not None
+    for p, q in zip(chunks[0].parameters(), before):
+        assert torch.equal(p, q)
+
+    fresh_chunks, fresh_opt = _build(99, distributed, **optim)
+    manager.load(path, fresh_chunks, fresh_opt)
+    for step in range(2):
+        a, b = _step(chunks, opt, step), _step(fresh_chunks, fresh_opt, step)
+        assert not a["skipped"] and a["loss"] == b["loss"]
+    for p, q in zip(chunks[0].parameters(), fresh_chunks[0].parameters()):
+        assert torch.equal(p, q)
+    if not optim:
+        assert all(s.item() == 2 for s in _adam_steps(fresh_opt))
 
 
 def test_checkpoint_latest_pointing_at_missing_folder_is_a_clear_error(tmp_path):

@@ -97,6 +97,8 @@ def test_impossible_stage_plans(override, match):
         ("precision.fp8=fp4", "precision.fp8='fp4'; choose one of delayed, tensorwise, mxfp8"),
         ("optim.distributed_optimizer=true", "did you mean 'use_distributed_optimizer'"),
         ("optim.lr", "must look like section.key=value"),
+        ("optim.optimizer=adamw", "optim.optimizer='adamw'; use 'adam'"),
+        ("optim.optimizer=sgd", "needs optim.use_distributed_optimizer=false"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_key(override, match):
@@ -145,3 +147,15 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(DEMO, ["optim.adam_beta1=0.8"])
     save_config(cfg, str(tmp_path / "c.yaml"))
     assert load_config(str(tmp_path / "c.yaml")) == cfg
+
+
+def test_a_key_of_a_newer_megatron_core_says_so():
+    from megatron_danube.runtime import compat
+
+    if compat.MCORE_VERSION >= compat.parse_version("0.18"):
+        cfg = load_config(DEMO, ["optim.grad_norm_skip_threshold=5"])
+        assert cfg.optim.grad_norm_skip_threshold == 5
+        return
+    with pytest.raises(DanubeConfigError, match="needs megatron-core 0.18 or newer") as e:
+        load_config(DEMO, ["optim.grad_norm_skip_threshold=5"])
+    assert "\n" not in str(e.value)

@@ -196,7 +196,7 @@ def test_checkpoint_after_nonfinite_losses_stops_the_run(tmp_path, corpora):
         check=False,
     )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "2 non-finite steps in a row" in proc.stdout
+    assert "2 skipped steps in a row (last: non-finite loss or gradients)" in proc.stdout
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert (run_dir / "checkpoints" / latest / "train_state.json").exists()
     state = json.loads((run_dir / "checkpoints" / latest / "train_state.json").read_text())
@@ -206,6 +206,38 @@ def test_checkpoint_after_nonfinite_losses_stops_the_run(tmp_path, corpora):
     skipped = [r for r in steps if r["loss"] != r["loss"] or r["grad_norm"] != r["grad_norm"]]
     assert len(skipped) == state["skipped_steps"]  # a skipped step shows NaN, never 0.0
     assert all(r["loss"] != 0.0 and r["grad_norm"] != 0.0 for r in steps)
+
+
+def test_steps_over_the_grad_norm_threshold_are_skipped_saved_and_resumable(tmp_path, corpora):
+    """megatron-core 0.18+: `optim.grad_norm_skip_threshold` skips the update; the log names
+    the norm, N in a row stop the run, and the save works although the optimizer never
+    stepped (megatron cannot save an empty distributed-optimizer state by itself)."""
+    from megatron_danube.runtime import compat
+
+    if compat.MCORE_VERSION < compat.parse_version("0.18"):
+        pytest.skip(f"megatron-core {compat.MCORE_VERSION_STRING} has no grad_norm_skip_threshold")
+    run_dir = tmp_path / "threshold"
+    proc = run_pretrain(
+        run_dir,
+        corpora,
+        "optim.grad_norm_skip_threshold=1e-6",
+        "train.max_bad_steps=2",
+        nproc=1,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "skipped: grad norm" in out and "above optim.grad_norm_skip_threshold=1e-06" in out
+    assert "2 skipped steps in a row (last: grad norm" in out
+    assert "Traceback" not in out
+    ckpts = run_dir / "checkpoints"
+    state = json.loads(
+        (ckpts / (ckpts / "latest").read_text().strip() / "train_state.json").read_text()
+    )
+    assert state["iteration"] == 2 and state["skipped_steps"] == 2
+    resumed = run_pretrain(run_dir, corpora, "train.exit_after_steps=2", nproc=1)
+    assert "resumed from" in resumed.stdout
+    assert "skipped" not in resumed.stdout.split("resumed from", 1)[1]
 
 
 def test_divergence_never_replaces_healthy_checkpoints(tmp_path, corpora):
@@ -239,7 +271,7 @@ def test_divergence_never_replaces_healthy_checkpoints(tmp_path, corpora):
     weights = load_megatron_weights(str(latest), model_config_of(read_train_state(str(latest))))
     assert all(bool(t.isfinite().all()) for t in weights.values())
     if proc.returncode == 1:
-        assert "non-finite steps in a row" in proc.stdout
+        assert "skipped steps in a row (last: non-finite loss or gradients)" in proc.stdout
 
 
 def test_resume_from_async_checkpoint_saves(tmp_path, corpora, tp2_runs):
