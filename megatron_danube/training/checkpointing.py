@@ -209,7 +209,9 @@ def load_optimizer_state(optimizer, state_dict) -> None:
 
         opt._set_main_param_and_optimizer_states = set_states
         patched.append((opt, original))
-    _restore_zero_adam_step(state_dict)
+    members = getattr(optimizer, "chained_optimizers", [optimizer])
+    if not any(isinstance(opt, DistributedOptimizer) for opt in members):
+        _restore_zero_adam_step(state_dict)
     try:
         compat.align_param_groups(optimizer, state_dict)
         optimizer.load_state_dict(state_dict)
