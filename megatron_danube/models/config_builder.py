@@ -11,11 +11,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_danube.config.sections import ParallelLayout, PrecisionConfig, RecomputeConfig
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.presets import DanubeModelConfig
+from megatron_danube.models.te_support import fp8_problem, gpu_capability
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-_FP8_RECIPES = {"delayed": "delayed", "tensorwise": "tensorwise", "mxfp8": "mxfp8"}
 
 
 def build_transformer_config(
@@ -41,10 +39,9 @@ def build_transformer_config(
                 f"precision.fp8={precision.fp8!r} needs Transformer Engine (model.spec=te on a "
                 f"GPU with transformer_engine installed); unset precision.fp8"
             )
-        if precision.fp8 not in _FP8_RECIPES:
-            raise DanubeConfigError(
-                f"precision.fp8={precision.fp8!r}; choose one of {sorted(_FP8_RECIPES)} or null"
-            )
+        problem = fp8_problem(precision.fp8, gpu_capability() if device_type == "cuda" else None)
+        if problem:
+            raise DanubeConfigError(problem)
     if recompute.granularity not in (None, "selective", "full"):
         raise DanubeConfigError(
             f"recompute.granularity={recompute.granularity!r}; choose null, selective or full"
@@ -102,7 +99,7 @@ def build_transformer_config(
     if precision.fp8 is not None:
         kwargs.update(
             fp8="hybrid",
-            fp8_recipe=_FP8_RECIPES[precision.fp8],
+            fp8_recipe=precision.fp8,
             fp8_amax_history_len=precision.fp8_amax_history_len,
             fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
         )

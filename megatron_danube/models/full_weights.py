@@ -1,7 +1,9 @@
 """Move whole (TP=1, PP=1) weights in and out of this rank's sharded model chunks.
 
-Names are the full model's `named_parameters()` names, e.g.
-`decoder.layers.17.mlp.linear_fc1.weight` (global layer index). Megatron's tensor-parallel
+Names are the full model's `named_parameters()` names in the local spec's spelling, e.g.
+`decoder.layers.17.mlp.linear_fc1.weight` (global layer index); a TE-spec model's fused-norm
+weights (`linear_qkv.layer_norm_weight`) go by their local names (`input_layernorm.weight`), so
+weights move between the specs unchanged. Megatron's tensor-parallel
 parameters carry `partition_dim`; the fused SwiGLU `linear_fc1` holds [gate; up] and is split
 per half, so each TP rank owns [gate_r; up_r], the layout megatron's own checkpoints use.
 """
@@ -13,6 +15,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 from megatron.core import parallel_state
+
+from megatron_danube.models.hf_adapter import local_name
 
 _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 
@@ -26,7 +30,7 @@ def _global_names(chunk: torch.nn.Module) -> Iterator[Tuple[str, str, torch.nn.P
             name_global = f"{match.group(1)}{layer.layer_number - 1}{match.group(3)}"
         else:
             name_global = name
-        yield name, name_global, param
+        yield name, local_name(name_global), param
 
 
 def _is_gated_fc1(name: str) -> bool:

@@ -14,6 +14,7 @@ RoPE needs no permutation: megatron's non-interleaved rotary is HF's rotate_half
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
@@ -139,6 +140,25 @@ def _lookup(sd: Dict[str, torch.Tensor], name: str, aliases: Tuple[str, ...], wh
         if candidate in sd:
             return sd.pop(candidate)
     raise DanubeConfigError(f"{where} has no tensor {name!r}; is it a checkpoint of this model?")
+
+
+def _alias_patterns():
+    for m in MAPPINGS:
+        for alias in m.aliases:
+            pattern = re.escape(alias).replace(re.escape("{i}"), r"(?P<i>\d+)")
+            yield re.compile(f"^{pattern}$"), m.mcore
+
+
+_ALIAS_PATTERNS = tuple(_alias_patterns())
+
+
+def local_name(name: str) -> str:
+    """A parameter's local-spec name, whichever spec named it (TE's fused-norm names map back)."""
+    for pattern, mcore in _ALIAS_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return mcore.format(**match.groupdict())
+    return name
 
 
 def to_local_names(

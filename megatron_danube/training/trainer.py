@@ -231,6 +231,10 @@ class Trainer:
             )
             self.advance(batch, result, window, throughput)
             steps += 1
+            if steps == 1 and self.rt.spec == "te":
+                from megatron_danube.models.te_support import log_attention_backend
+
+                log_attention_backend(logger)
             self.checkpoints.maybe_finalize()
             if s.iteration % self.cfg.logging.log_interval == 0:
                 elapsed = time.perf_counter() - t_start

@@ -11,14 +11,17 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow  # launches training processes
 
 
-def test_benchmark_throughput_tiny_on_cpu():
+def test_benchmark_throughput_tiny_on_cpu(tmp_path):
+    json_path = tmp_path / "bench.json"
     out = subprocess.run(
         [
             sys.executable,
             os.path.join(REPO, "tools", "benchmark_throughput.py"),
             "--tiny",
-            "--baselines",
-            "eager",
+            "--rows",
+            "local,hf-eager",
+            "--json",
+            str(json_path),
         ],
         cwd=REPO,
         capture_output=True,
@@ -37,7 +40,19 @@ def test_benchmark_throughput_tiny_on_cpu():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[3].replace(",", "")) > 0  # tokens/s
         assert cells[7].endswith("x")
-    assert "matmul peak measured" in out.stdout
+    assert "matmul measured" in out.stdout
+    import json
+
+    written = json.loads(json_path.read_text())
+    assert written["meta"]["baseline"] == "hf-eager"
+    assert [(r["kind"], r["seq"]) for r in written["rows"]] == [
+        ("local", 64),
+        ("local", 128),
+        ("hf-eager", 64),
+        ("hf-eager", 128),
+    ]
+    assert all(r["tokens_per_s"] > 0 for r in written["rows"])
+    assert [r["vs_baseline"] for r in written["rows"][2:]] == [1.0, 1.0]
 
 
 def test_benchmark_preprocess_small():

@@ -62,7 +62,12 @@ def check_config(cfg: RunConfig):
     model = get_preset(cfg.model.preset).replace(**cfg.model.overrides)
     max_seq = max(stage.seq_length for stage in cfg.stages)
     checked = check_layout(
-        model, cfg.parallel, spec=cfg.model.spec, device=cfg.train.device, seq_length=max_seq
+        model,
+        cfg.parallel,
+        spec=cfg.model.spec,
+        device=cfg.train.device,
+        seq_length=max_seq,
+        fp8=cfg.precision.fp8,
     )
     launch, device_type, _ = checked
     stages = plan_stages(cfg, cfg.parallel.data_parallel(launch.world_size), max_seq)

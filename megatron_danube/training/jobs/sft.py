@@ -66,6 +66,7 @@ def check_config(cfg: RunConfig):
         spec=cfg.model.spec,
         device=cfg.train.device,
         seq_length=chat.seq_length,
+        fp8=cfg.precision.fp8,
     )
     dp = cfg.parallel.data_parallel(checked[0].world_size)
     packs_per_step, rem = divmod(train.global_batch_tokens, chat.seq_length)
