@@ -39,6 +39,16 @@ def run_command(
         return fail(prog, message)
 
 
+def cpu_only_process() -> None:
+    """Hide the GPUs from this process: the tools that read and write whole checkpoints
+    (convert, compare) run on the CPU, on a GPU node too. Called first thing in their entry
+    points, before anything asks CUDA for its devices (torch caches the first answer); a GPU
+    seen later next to megatron's CPU patches is refused in one line by `cpu_compat`."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def fail(prog: str, message: str) -> int:
     logging.getLogger(prog).debug("failing: %s", message)
     sys.stderr.write(f"{prog}: error: {message}\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from megatron_danube.cli.common import run_command
+from megatron_danube.cli.common import cpu_only_process, run_command
 
 
 def add_arguments(p) -> None:
@@ -38,6 +38,7 @@ def command(argv=None) -> int:
 
 
 def main(argv=None) -> None:
+    cpu_only_process()  # a CPU tool, on a GPU node too; first, before anything touches CUDA
     sys.exit(command(argv))
 
 

@@ -12,8 +12,7 @@ import logging
 import os
 import sys
 
-from megatron_danube.cli.common import run_command
-from megatron_danube.models.config_builder import DTYPES
+from megatron_danube.cli.common import cpu_only_process, run_command
 
 logger = logging.getLogger("danube-convert")
 
@@ -25,7 +24,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=sorted(DTYPES),
+        choices=["bfloat16", "float16", "float32"],
         help="--to hf: default bfloat16; --to mcore: default the HF weights' dtype",
     )
     p.add_argument(
@@ -80,6 +79,7 @@ def command(argv=None) -> int:
 
 
 def main(argv=None) -> None:
+    cpu_only_process()  # a CPU tool, on a GPU node too; first, before anything touches CUDA
     sys.exit(command(argv))
 
 

@@ -112,51 +112,66 @@ def forward_loss(model, ids, vocab: int):
 
 
 # ----------------------------------------------------------------------- TE spec == local spec
+def fwd_bwd(model, ids, vocab):
+    loss, logits = forward_loss(model, ids, vocab)
+    loss.backward()
+    return loss.item(), logits, grads_of(model)
+
+
 def test_te_spec_matches_local_spec_at_1_8b_with_window_active():
-    """danube-1.8b in bf16 at 8192 tokens (the 4096 window active): TE vs local on one set of
-    weights; loss, logits and every gradient within bf16 tolerance."""
+    """danube-1.8b at 8192 tokens (the 4096 window active), one set of weights: the local spec
+    in fp32 is the reference; TE in bf16 must be as close to it as the local spec in bf16 is
+    (logits, loss, every gradient), i.e. differ from it by bf16 rounding only."""
     from megatron_danube.models.full_weights import load_full_weights
     from megatron_danube.models.presets import get_preset
     from megatron_danube.models.te_support import attention_backend
 
-    model_cfg, seq = get_preset("danube-1.8b"), 8192
+    model_cfg, seq, vocab = get_preset("danube-1.8b"), 8192, 32000
     ids = random_ids(model_cfg.vocab_size, 1, seq, seed=8192)
     _, local = build(model_cfg, "local")
     assert sum(p.numel() for p in local.parameters()) == 1_831_201_280
     full = weights_of(local)
-    loss_local, logits_local = forward_loss(local, ids, model_cfg.vocab_size)
-    loss_local.backward()
-    grads_local = grads_of(local)
+    loss_lb, logits_lb, grads_lb = fwd_bwd(local, ids, vocab)
     del local
     free_cuda()
-
+    _, exact = build(model_cfg, "local", params_dtype="float32")
+    load_full_weights([exact], full)
+    loss_ref, logits_ref, grads_ref = fwd_bwd(exact, ids, vocab)
+    del exact
+    free_cuda()
     _, te = build(model_cfg, "te")
     load_full_weights([te], full)
     del full
-    loss_te, logits_te = forward_loss(te, ids, model_cfg.vocab_size)
+    loss_te, logits_te, grads_te = fwd_bwd(te, ids, vocab)
     backend = attention_backend()
-    loss_te.backward()
-    grads_te = grads_of(te)
     del te
     free_cuda()
 
-    logits_rel = relative(logits_te, logits_local)
-    grad_rel, worst, worst_rel = grad_errors(grads_te, grads_local)
+    logits_te_err, logits_local_err = (
+        relative(logits_te, logits_ref),
+        relative(logits_lb, logits_ref),
+    )
+    grad_te_err, worst, worst_rel = grad_errors(grads_te, grads_ref)
+    grad_local_err, _, _ = grad_errors(grads_lb, grads_ref)
     record(
         "te_vs_local_1.8b_seq8192_window4096",
-        loss_te=loss_te.item(),
-        loss_local=loss_local.item(),
-        logits_rel=logits_rel,
-        grad_rel=grad_rel,
-        worst_param=worst,
-        worst_param_rel=worst_rel,
+        loss_fp32=loss_ref,
+        loss_te_bf16=loss_te,
+        loss_local_bf16=loss_lb,
+        logits_rel_te_bf16=logits_te_err,
+        logits_rel_local_bf16=logits_local_err,
+        logits_rel_te_vs_local=relative(logits_te, logits_lb),
+        grad_rel_te_bf16=grad_te_err,
+        grad_rel_local_bf16=grad_local_err,
+        worst_param_te=worst,
+        worst_param_rel_te=worst_rel,
         te_attention=backend,
         peak_gib=torch.cuda.max_memory_allocated() / 2**30,
     )
     assert backend is not None
-    assert abs(loss_te.item() - loss_local.item()) < 1e-2
-    assert logits_rel < 2e-2
-    assert grad_rel < 5e-2
+    assert abs(loss_te - loss_ref) < 1e-2
+    assert logits_te_err < 2 * logits_local_err
+    assert grad_te_err < 2 * grad_local_err
 
 
 def test_te_window_keeps_exactly_the_window_keys():
@@ -189,8 +204,10 @@ def test_te_window_keeps_exactly_the_window_keys():
 
 
 # ----------------------------------------------------------------------------- FP8 vs bf16
-FP8_STEPS, FP8_SEQ, FP8_MBS, FP8_LR = 5, 2048, 2, 2e-4
-FP8_TOLERANCE = 0.02  # relative difference of each step's loss from the bf16 run's
+# A small learning rate keeps the bf16 trajectory smooth (at 2e-4 without warm-up the loss
+# oscillates and any rounding difference is amplified); the same weights and batch each run.
+FP8_STEPS, FP8_SEQ, FP8_MBS, FP8_LR = 4, 2048, 2, 3e-5
+FP8_TOLERANCE = 0.015  # relative difference of each step's loss from the bf16 run's
 
 
 def te_train_losses(model_cfg, full, fp8, ids):
@@ -255,8 +272,9 @@ def test_fp8_steps_are_finite_and_follow_bf16(bf16_run, recipe):
     rel = [abs(a - b) / b for a, b in zip(losses, bf16_losses)]
     record(f"fp8_{recipe}_steps_1.8b", losses=losses, grad_norms=norms, rel_to_bf16=rel)
     assert all(math.isfinite(x) for x in losses + norms)
+    assert all(b < a for a, b in zip(bf16_losses, bf16_losses[1:])), "bf16 run not smooth"
     assert max(rel) < FP8_TOLERANCE
-    assert losses[-1] < losses[0] - 0.05 and bf16_losses[-1] < bf16_losses[0] - 0.05
+    assert losses[-1] < losses[0] - 0.05
 
 
 # ------------------------------------------------------------------ packed SFT on TE's THD
@@ -437,7 +455,8 @@ def test_te_fp8_pretraining_checkpoint_exports_to_hf_with_matching_logits(tmp_pa
     CheckpointManager(str(run_dir), CheckpointSection()).load(
         ckpt, [te], None, load_optimizer=False
     )
-    hf = MistralForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.bfloat16).cuda()
+    # fp32 (an exact copy of the bf16 export): the comparison measures the TE side alone
+    hf = MistralForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).cuda()
     ids = random_ids(model_cfg.vocab_size, 2, 256, seed=256)
     with torch.no_grad():
         _, logits_te = forward_loss(te.eval(), ids, model_cfg.vocab_size)
