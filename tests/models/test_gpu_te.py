@@ -204,10 +204,11 @@ def test_te_window_keeps_exactly_the_window_keys():
 
 
 # ----------------------------------------------------------------------------- FP8 vs bf16
-# A small learning rate keeps the bf16 trajectory smooth (at 2e-4 without warm-up the loss
-# oscillates and any rounding difference is amplified); the same weights and batch each run.
+# The same weights and batch each run; four optimizer steps memorise the batch fast (bf16 on
+# one H200: loss 10.88 -> 1.51), so trajectories are compared for learning, not step by step.
 FP8_STEPS, FP8_SEQ, FP8_MBS, FP8_LR = 4, 2048, 2, 3e-5
-FP8_TOLERANCE = 0.015  # relative difference of each step's loss from the bf16 run's
+FP8_LOSS_TOLERANCE = 5e-3  # first step (identical weights): relative loss difference from bf16
+FP8_GRAD_NORM_TOLERANCE = 0.05  # first step, current scaling: relative grad-norm difference
 
 
 def te_train_losses(model_cfg, full, fp8, ids):
@@ -258,23 +259,36 @@ def bf16_run():
     ids = random_ids(model_cfg.vocab_size, FP8_MBS, FP8_SEQ, seed=2048)
     losses, norms = te_train_losses(model_cfg, full, None, ids)
     record("bf16_steps_1.8b", losses=losses, grad_norms=norms)
-    return model_cfg, full, ids, losses
+    return model_cfg, full, ids, losses, norms
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 def test_fp8_steps_are_finite_and_follow_bf16(bf16_run, recipe):
-    """danube-1.8b, the same weights and batch: each FP8 step's loss within FP8_TOLERANCE of
-    the bf16 run's, all finite, both learning the batch."""
+    """danube-1.8b, the same weights and batch: the first step's loss within
+    FP8_LOSS_TOLERANCE of bf16's; every step finite and taken; the batch learnt. Current
+    scaling (tensorwise) also matches bf16's first gradient norm. Delayed scaling has no amax
+    history at its first step and quantises the gradients with scale 1, where many underflow
+    (measured: grad norm 6.7 against 30.8): recorded, and the reason to warm the learning
+    rate up under FP8."""
     import math
 
-    model_cfg, full, ids, bf16_losses = bf16_run
+    model_cfg, full, ids, bf16_losses, bf16_norms = bf16_run
     losses, norms = te_train_losses(model_cfg, full, recipe, ids)
-    rel = [abs(a - b) / b for a, b in zip(losses, bf16_losses)]
-    record(f"fp8_{recipe}_steps_1.8b", losses=losses, grad_norms=norms, rel_to_bf16=rel)
+    first_loss_rel = abs(losses[0] - bf16_losses[0]) / bf16_losses[0]
+    first_norm_rel = abs(norms[0] - bf16_norms[0]) / bf16_norms[0]
+    record(
+        f"fp8_{recipe}_steps_1.8b",
+        losses=losses,
+        grad_norms=norms,
+        first_step_loss_rel_to_bf16=first_loss_rel,
+        first_step_grad_norm_rel_to_bf16=first_norm_rel,
+    )
     assert all(math.isfinite(x) for x in losses + norms)
     assert all(b < a for a, b in zip(bf16_losses, bf16_losses[1:])), "bf16 run not smooth"
-    assert max(rel) < FP8_TOLERANCE
-    assert losses[-1] < losses[0] - 0.05
+    assert first_loss_rel < FP8_LOSS_TOLERANCE
+    if recipe == "tensorwise":
+        assert first_norm_rel < FP8_GRAD_NORM_TOLERANCE
+    assert losses[-1] < losses[0] - 1.0
 
 
 # ------------------------------------------------------------------ packed SFT on TE's THD
