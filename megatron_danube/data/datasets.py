@@ -42,7 +42,7 @@ def parse_blend(blend: List, what: str = "data.blend") -> Tuple[List[str], Optio
 
 def check_prefixes(prefixes: List[str], what: str = "data.blend") -> None:
     """Each prefix has a .bin/.idx pair whose header and sizes agree."""
-    from megatron_danube.data.indexed import check_indexed_files
+    from megatron_danube.data.indexed import check_indexed_files, sequence_count
 
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
@@ -52,6 +52,11 @@ def check_prefixes(prefixes: List[str], what: str = "data.blend") -> None:
                     f"tools/preprocess_data.py or fix the prefix"
                 )
         check_indexed_files(prefix)
+        if sequence_count(prefix) == 0:
+            raise DanubeConfigError(
+                f"{what}: {prefix} holds no documents; preprocess the corpus again (check "
+                f"--json-keys against the records' keys) or drop it from {what}"
+            )
 
 
 def dataset_fingerprint(prefixes: List[str]) -> str:

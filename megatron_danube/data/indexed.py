@@ -107,6 +107,13 @@ _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 4, 7: 8, 8: 2}  # megatron's DType codes
 
 
+def sequence_count(prefix: str) -> int:
+    """Sequences (documents, or sentences at sentence level) the .idx header records."""
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(34)
+    return int(np.frombuffer(header[18:26], dtype="<u8")[0])
+
+
 def check_indexed_files(prefix: str) -> None:
     """The .idx header and the .bin size agree (cheap: reads the header and two numbers).
 

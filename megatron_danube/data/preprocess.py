@@ -145,6 +145,7 @@ def process_batch(task):
     eod = tok.eod if _W["append_eod"] else None
     bad: List[Tuple[int, str]] = []
     kept_empty: List[Tuple[int, str, str]] = []
+    other_keys: set = set()  # keys of records with nothing under --json-keys, for the error
     texts: Dict[str, list] = {k: [] for k in keys}
     nbytes = 0
     for number, raw in records:
@@ -165,6 +166,12 @@ def process_batch(task):
         else:
             if len(empty) == len(keys):  # no text under any key: no document is worth writing
                 bad.append((number, empty[0][2]))
+                if (
+                    isinstance(record, dict)
+                    and empty[0][2] == "missing_key"
+                    and len(other_keys) < 20
+                ):
+                    other_keys.update(str(k) for k in record)
                 continue
             kept_empty += empty
             for key, text in zip(keys, values, strict=True):
@@ -203,7 +210,7 @@ def process_batch(task):
             itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum())
         )
         out[key] = (flat, lengths, sentence_lengths if splitter is not None else None)
-    return out, bad, kept_empty, nbytes
+    return out, bad, kept_empty, nbytes, sorted(other_keys)
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -219,6 +226,8 @@ class Stats:
     reported: List[str] = field(default_factory=list)
     kept_empty: Counter = field(default_factory=Counter)
     kept_reported: List[str] = field(default_factory=list)
+    other_keys: set = field(default_factory=set)
+    """Keys found in records that had none of --json-keys."""
 
     def add(self, other: Stats) -> None:
         self.records += other.records
@@ -229,6 +238,7 @@ class Stats:
         self.reported += other.reported[: MAX_REPORTED - len(self.reported)]
         self.kept_empty.update(other.kept_empty)
         self.kept_reported += other.kept_reported[: MAX_REPORTED - len(self.kept_reported)]
+        self.other_keys |= other.other_keys
 
 
 def _chunks(records, size: int):
@@ -270,7 +280,8 @@ def run_partition(
 
         def drain_one():
             piece, count, result = in_flight.popleft()
-            out, bad, kept_empty, nbytes = result.get() if pool is not None else result
+            out, bad, kept_empty, nbytes, other_keys = result.get() if pool is not None else result
+            stats.other_keys.update(other_keys)
             stats.records += count
             stats.bytes += nbytes
             for number, reason in bad:
@@ -394,7 +405,8 @@ def _add_input_arguments(g) -> None:
         "--json-keys",
         nargs="+",
         default=["text"],
-        help="keys to extract, one output each. A value is a string, or a list of strings taken "
+        help="keys to extract (default: text), one output each. A value is a string, or a list "
+        "of strings taken "
         "as the document's sentences (Megatron-LM's pre-split format; with "
         "--split-sentences each item is one sentence, without it the items' tokens are "
         "concatenated into one document). With several keys the outputs stay aligned, "
@@ -617,7 +629,31 @@ def _main(args) -> int:
     if args.partitions > 1 and args.partition_index is None:
         merge_partitions(args, finals, level, tok.vocab_size, done)
     _summarize(args, totals, time.perf_counter() - t0, finals)
+    if totals.documents == 0 and args.partition_index is None:
+        for prefix in finals.values():  # this run's own empty output: nothing to keep
+            for ext in (".bin", ".idx"):
+                if os.path.exists(prefix + ext):
+                    os.remove(prefix + ext)
+        raise DanubeConfigError(no_documents_message(args.json_keys, totals))
     return 0
+
+
+def no_documents_message(json_keys: List[str], totals: Stats) -> str:
+    keys = ", ".join(json_keys)
+    if totals.records == 0:
+        return "the input holds no records; nothing was written"
+    if totals.other_keys:
+        found = ", ".join(sorted(totals.other_keys)[:10])
+        return (
+            f"no document written: {totals.records:,} records, none with text under "
+            f"--json-keys {keys} (their keys: {found}); pass --json-keys with the key that "
+            f"holds the text"
+        )
+    reasons = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(totals.bad.items()))
+    return (
+        f"no document written: {totals.records:,} records, none usable under --json-keys "
+        f"{keys} ({reasons}); see the records listed above"
+    )
 
 
 def _say(line: str) -> None:
@@ -651,7 +687,7 @@ def _summarize(args, totals, dt: float, finals) -> None:
             summary,
             "\n".join(f"  {line}" for line in totals.kept_reported),
         )
-    if args.partition_index is None:
+    if args.partition_index is None and totals.documents:
         for prefix in finals.values():
             _say(f"wrote {prefix}.bin/.idx")
 

@@ -571,3 +571,45 @@ def test_help_describes_every_megatron_flag(capsys):
         "With one key, unlike Megatron-LM, empty records are skipped and reported",
     ]:
         assert phrase in text, phrase
+
+
+def test_no_document_written_is_an_error_naming_the_keys_and_leaves_no_output(
+    tmp_path, capsys, docs
+):
+    """Records keyed `content` under the default `--json-keys text`: exit 2, one line naming
+    the key looked for and the keys the records have, and no empty dataset left behind."""
+    src = write_jsonl(tmp_path / "in.jsonl", docs[:20], key="content")
+    assert run("--input", src, "--output-prefix", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("danube-preprocess: error: no document written: 20 records")
+    assert "--json-keys text" in line and "(their keys: content)" in line
+    assert "wrote" not in err
+    assert not os.path.exists(tmp_path / "out_text_document.bin")
+    # the corrected command then runs without --overwrite
+    assert run("--input", src, "--output-prefix", tmp_path / "out", "--json-keys", "content") == 0
+
+
+def test_empty_input_is_an_error(tmp_path, capsys):
+    src = tmp_path / "empty.jsonl"
+    src.write_text("")
+    assert run("--input", src, "--output-prefix", tmp_path / "out") == 2
+    assert "the input holds no records" in capsys.readouterr().err
+
+
+def test_help_states_the_default_json_key(capsys):
+    with pytest.raises(SystemExit):
+        preprocess(["--help"])
+    assert "(default: text)" in capsys.readouterr().out
+
+
+def test_training_on_a_dataset_without_documents_is_one_line_error(tmp_path):
+    from megatron_danube.data.datasets import check_prefixes
+    from megatron_danube.data.indexed import IndexedWriter
+    from megatron_danube.errors import DanubeConfigError
+
+    prefix = str(tmp_path / "empty_text_document")
+    with IndexedWriter(prefix, 32000):
+        pass
+    with pytest.raises(DanubeConfigError, match=f"data.blend: {prefix} holds no documents"):
+        check_prefixes([prefix])
