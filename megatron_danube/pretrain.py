@@ -28,9 +28,9 @@ def build(cfg):
 
 
 def main(argv=None) -> None:
-    from megatron_danube.cli.common import run_training
+    from megatron_danube.cli.common import run_training, summary
 
-    sys.exit(run_training("danube-pretrain", __doc__.splitlines()[0], build, argv))
+    sys.exit(run_training("danube-pretrain", summary(__doc__), build, argv))
 
 
 if __name__ == "__main__":

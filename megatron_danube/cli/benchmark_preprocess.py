@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 
-from megatron_danube.cli.common import report
+from megatron_danube.cli.common import report, summary
 
 
 def make_corpus(path: str, megabytes: float, seed: int = 0) -> int:
@@ -49,9 +49,7 @@ def baseline(src: str, prefix: str, tokenizer) -> int:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        prog="danube-benchmark-preprocess", description=__doc__.splitlines()[0]
-    )
+    p = argparse.ArgumentParser(prog="danube-benchmark-preprocess", description=summary(__doc__))
     p.add_argument("--mb", type=float, default=50.0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--tokenizer-model", default="mistral-v1")

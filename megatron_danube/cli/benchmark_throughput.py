@@ -34,7 +34,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from megatron_danube.cli.common import report
+from megatron_danube.cli.common import report, summary
 
 logger = logging.getLogger("danube-benchmark-throughput")
 
@@ -234,9 +234,7 @@ def measure_row(kind, make_step, seq, candidates, args, model_cfg, peak) -> Row:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="danube-benchmark-throughput", description=__doc__.splitlines()[0]
-    )
+    p = argparse.ArgumentParser(prog="danube-benchmark-throughput", description=summary(__doc__))
     p.add_argument("--model", default="danube-1.8b")
     p.add_argument("--seqs", default="2048,16384")
     p.add_argument(

@@ -50,10 +50,37 @@ def cpu_only_process() -> None:
 
 
 def fail(prog: str, message: str) -> int:
+    """Exit code 2 and the one-line error, printed once: by rank 0 of a launched job (every
+    rank reaches the same verdict on a config; the others stay quiet)."""
     logging.getLogger(prog).debug("failing: %s", message)
-    sys.stderr.write(f"{prog}: error: {message}\n")
-    sys.stderr.flush()
+    if launched_rank() == 0:
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        sys.stderr.flush()
+    else:
+        import time
+
+        # Rank 0 prints the line; the launcher tears the job down when the first rank exits.
+        time.sleep(QUIET_RANK_EXIT_DELAY_S)
     return 2
+
+
+QUIET_RANK_EXIT_DELAY_S = 3.0
+
+
+def launched_rank() -> int:
+    """This process's rank under torchrun or srun; 0 when run alone."""
+    import os
+
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def summary(doc: str) -> str:
+    """A command's description for --help: the first paragraph of its module docstring."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 def report(text: str = "") -> None:
@@ -72,13 +99,23 @@ def run_training(prog: str, description: str, build: Callable, argv=None) -> int
     stop = StopRequest()  # first, so a signal during start-up is not lost
 
     def add_arguments(parser) -> None:
-        parser.add_argument("--config", help="YAML run config (see examples/configs)")
+        parser.add_argument(
+            "--config",
+            metavar="FILE.yaml",
+            help="the run config, e.g. examples/configs/danube-tiny-cpu.yaml (required unless "
+            "every setting comes as key=value)",
+        )
         parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
     def body(args) -> int:
         from megatron_danube.config import load_config
         from megatron_danube.training import trainer
 
+        if args.config is None and not args.overrides:
+            raise DanubeConfigError(
+                "no --config given; pass --config FILE.yaml (examples/configs has one per "
+                "recipe, e.g. examples/configs/danube-tiny-cpu.yaml)"
+            )
         cfg = load_config(args.config, args.overrides)
         job, model_cfg = build(cfg)
         return trainer.run(cfg, job, model_cfg, stop)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from megatron_danube.cli.common import cpu_only_process, run_command
+from megatron_danube.cli.common import cpu_only_process, run_command, summary
 
 
 def add_arguments(p) -> None:
@@ -34,7 +34,7 @@ def run(args) -> int:
 def command(argv=None) -> int:
     """Run with these arguments; the exit code (2 for bad input)."""
     os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
-    return run_command("danube-compare", __doc__.splitlines()[0], add_arguments, run, argv)
+    return run_command("danube-compare", summary(__doc__), add_arguments, run, argv)
 
 
 def main(argv=None) -> None:

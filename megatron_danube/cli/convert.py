@@ -12,13 +12,19 @@ import logging
 import os
 import sys
 
-from megatron_danube.cli.common import cpu_only_process, run_command
+from megatron_danube.cli.common import cpu_only_process, run_command, summary
 
 logger = logging.getLogger("danube-convert")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--to", required=True, choices=["hf", "mcore"])
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["hf", "mcore"],
+        help="hf: a megatron_danube run or checkpoint to an HF directory; mcore: an HF "
+        "directory to a checkpoint the trainer starts from",
+    )
     p.add_argument("--load", required=True, help="megatron run/checkpoint dir, or HF model dir")
     p.add_argument("--save", required=True, help="output directory (new or empty)")
     p.add_argument(
@@ -75,7 +81,7 @@ def convert(args) -> int:
 def command(argv=None) -> int:
     """Run with these arguments; the exit code (2 for bad input)."""
     os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
-    return run_command("danube-convert", __doc__.splitlines()[0], add_arguments, convert, argv)
+    return run_command("danube-convert", summary(__doc__), add_arguments, convert, argv)
 
 
 def main(argv=None) -> None:

@@ -6,7 +6,7 @@ python tools/inspect_dataset.py PREFIX [--tokenizer-model mistral-v1] [--show 3]
 import argparse
 import sys
 
-from megatron_danube.cli.common import fail, report
+from megatron_danube.cli.common import fail, report, summary
 
 
 def main(argv=None) -> int:
@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     from megatron_danube.data.indexed import dataset_exists
     from megatron_danube.errors import DanubeConfigError
 
-    p = argparse.ArgumentParser(prog="danube-inspect-dataset", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="danube-inspect-dataset", description=summary(__doc__))
     p.add_argument("prefix")
     p.add_argument("--tokenizer-model", default=None, help="decode with this tokenizer")
     p.add_argument("--show", type=int, default=3, help="documents to print")

@@ -1,12 +1,16 @@
-"""danube-launch: torchrun, but a stop signal means "save and exit 0", as it does under srun.
+"""danube-launch: torchrun, but a stop signal means "save and exit 0", as it does under srun,
+and a bad config is one line and exit 2.
 
     danube-launch --nproc-per-node 8 -m megatron_danube.pretrain --config FILE.yaml
 
-Takes torchrun's arguments unchanged. torchrun answers SIGTERM (and Ctrl-C) by raising in the
-launcher, tearing the workers down and exiting 1; SIGUSR1 kills it outright. Here SIGTERM,
-SIGINT and SIGUSR1 are passed on to the workers, which save at the next step boundary and
-exit 0, so the launcher exits 0 too. A second SIGINT or SIGTERM falls back to torchrun's own
-handling (tear down now).
+Takes torchrun's arguments unchanged. It differs from torchrun in two ways:
+
+* Stop signals: torchrun answers SIGTERM (and Ctrl-C) by raising in the launcher, tearing the
+  workers down and exiting 1; SIGUSR1 kills it outright. Here SIGTERM, SIGINT and SIGUSR1 are
+  passed on to the workers, which save at the next step boundary and exit 0, so the launcher
+  exits 0 too. A second SIGINT or SIGTERM falls back to torchrun's own handling (tear down now).
+* Bad input: when every failed worker exited 2 (rank 0 has printed the one-line error), the
+  launcher exits 2 without torchrun's failure report and traceback.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def _forwarding_handler(original):
 def main(argv=None) -> None:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing import api
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from megatron_danube.logs import setup_logging
 
@@ -57,7 +62,35 @@ def main(argv=None) -> None:
     # torchrun installs this module-level handler when it starts the workers.
     original = api._terminate_process_handler
     api._terminate_process_handler = _forwarding_handler(original)
-    sys.exit(torchrun.main(sys.argv[1:] if argv is None else argv))
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        torchrun.run(args)
+    except ChildFailedError as exc:
+        if stopped_on_bad_input(exc.failures.values()):
+            sys.exit(BAD_INPUT_EXIT)  # the workers' one-line error says it all
+        raise
+    sys.exit(0)
+
+
+BAD_INPUT_EXIT = 2  # what every command of this package exits with on a one-line error
+
+
+def stopped_on_bad_input(failures) -> bool:
+    """Some worker exited 2 and the rest either did too or were torn down by the launcher."""
+    codes = {failure.exitcode for failure in failures}
+    return BAD_INPUT_EXIT in codes and codes <= {BAD_INPUT_EXIT, -signal.SIGTERM, -signal.SIGKILL}
+
+
+def parser():
+    """torchrun's own argument parser under this command's name and description."""
+    from torch.distributed import run as torchrun
+
+    p = torchrun.get_args_parser()
+    p.prog = "danube-launch"
+    p.description = " ".join(__doc__.split("\n\n")[0].split()) + (
+        " Takes torchrun's arguments, listed below; see `pydoc megatron_danube.cli.launch`."
+    )
+    return p
 
 
 if __name__ == "__main__":

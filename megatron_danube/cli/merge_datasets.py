@@ -7,14 +7,14 @@ danube-merge-datasets --input A_text_document B_text_document \
 import argparse
 import sys
 
-from megatron_danube.cli.common import fail, report
+from megatron_danube.cli.common import fail, report, summary
 
 
 def main(argv=None) -> int:
     from megatron_danube.data.indexed import IndexedWriter, dataset_exists
     from megatron_danube.errors import DanubeConfigError
 
-    p = argparse.ArgumentParser(prog="danube-merge-datasets", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="danube-merge-datasets", description=summary(__doc__))
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes (no .bin/.idx)")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--overwrite", action="store_true")

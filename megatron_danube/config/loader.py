@@ -32,13 +32,14 @@ def unknown_key(full: str, known) -> DanubeConfigError:
             f"config key {full!r} needs megatron-core {NEWER_MEGATRON_KEYS[full]} or newer; "
             f"upgrade megatron-core or remove the key"
         )
-    name = full.rsplit(".", 1)[-1]
+    section, _, name = full.rpartition(".")
     close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
     close += [k for k in known if name in k and k not in close][: 3 - len(close)]
+    where = f"{section}." if section else ""  # suggestions as the user would write them
     if close:
-        hint = "did you mean " + " or ".join(repr(c) for c in close) + "?"
+        hint = "did you mean " + " or ".join(repr(where + c) for c in close) + "?"
     else:
-        hint = f"known keys: {', '.join(sorted(known))}"
+        hint = f"known keys: {', '.join(where + k for k in sorted(known))}"
     return DanubeConfigError(f"unknown config key {full!r}; {hint}")
 
 

@@ -248,7 +248,7 @@ class RunConfig:
     job: Literal["pretrain", "sft", "dpo"] = "pretrain"
     """`pretrain` (token stages over corpora), `sft` (chat fine-tuning) or `dpo` (preferences)."""
     run_dir: str = "runs/default"
-    """Checkpoints, metrics.jsonl, tensorboard/ and logs/ go here."""
+    """Checkpoints, metrics.jsonl and tensorboard/ go here (and logs/ under the SLURM scripts)."""
     model: ModelSection = field(default_factory=ModelSection)
     """The model preset and layer implementation."""
     parallel: ParallelLayout = field(default_factory=ParallelLayout)

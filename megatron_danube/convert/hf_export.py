@@ -64,6 +64,13 @@ def to_hf(
 
     if dtype not in DTYPES:
         raise DanubeConfigError(f"--dtype {dtype}: choose one of {sorted(DTYPES)}")
+    if os.path.isfile(os.path.join(load, "config.json")) and not os.path.exists(
+        os.path.join(load, "train_state.json")
+    ):
+        raise DanubeConfigError(
+            f"--load {load} is a Hugging Face model directory (config.json); did you mean "
+            f"--to mcore?"
+        )
     ckpt = resolve_checkpoint(load)
     state = read_state(ckpt)
     model_cfg = model_config_of(state, preset)

@@ -6,11 +6,14 @@ tokenised on first use into a Megatron indexed dataset. Nothing is downloaded.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Iterator
 
 from megatron_danube.data.indexed import IndexedWriter, dataset_exists
+
+logger = logging.getLogger(__name__)
 
 
 def pydoc_paragraphs(min_chars: int = 40) -> Iterator[str]:
@@ -28,7 +31,12 @@ def ensure_demo_corpus(prefix: str, tokenizer) -> str:
     if dataset_exists(prefix):
         return prefix
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    logger.info("building the demo corpus %s from Python's pydoc topics (once)", prefix)
+    documents = tokens = 0
     with IndexedWriter(prefix, tokenizer.vocab_size) as writer:
         for para in pydoc_paragraphs():
-            writer.add_document(tokenizer.encode(para) + [tokenizer.eod])
+            ids = tokenizer.encode(para) + [tokenizer.eod]
+            writer.add_document(ids)
+            documents, tokens = documents + 1, tokens + len(ids)
+    logger.info("demo corpus: %s documents, %s tokens", f"{documents:,}", f"{tokens:,}")
     return prefix

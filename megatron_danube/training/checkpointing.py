@@ -486,6 +486,7 @@ class CheckpointManager:
                 f.write(name + "\n")
             os.replace(tmp, os.path.join(self.dir, "latest"))
             self._prune(keep=name)
+            logger.info("saved checkpoint %s (%d files, verified)", final, len(merged))
         _barrier()
 
     def maybe_finalize(self, blocking: bool = False) -> None:

@@ -39,11 +39,13 @@ class MetricsWriter:
             return
         self._path = os.path.join(run_dir, "metrics.jsonl")
         self._jsonl = open(self._path, "a", buffering=1)
+        self._tb_dir = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                import torch.utils.tensorboard  # noqa: F401
 
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                # Made on the first record: a start that records nothing adds no events file.
+                self._tb_dir = os.path.join(run_dir, "tensorboard")
             except ImportError:
                 logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
 
@@ -70,6 +72,10 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is None and self._tb_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(self._tb_dir)
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("iteration",):

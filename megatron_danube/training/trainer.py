@@ -107,6 +107,7 @@ class StopRequest:
 class Trainer:
     def __init__(self, cfg: RunConfig, job: Job, model_cfg, stop: StopRequest):
         self.cfg, self.job, self.model_cfg, self.stop = cfg, job, model_cfg, stop
+        self.started = time.perf_counter()
         self.state = TrainState()
         self.exit_code, self.reason = 0, "finished"
         self.last_eval_iteration: Optional[int] = None
@@ -196,12 +197,19 @@ class Trainer:
         if self.state.consumed_tokens:
             self.scheduler.step(increment=self.state.consumed_tokens)
         self.metrics.truncate_after(self.state.iteration)
-        logger.info(
-            "resumed from %s at iteration %d, %s tokens",
-            source,
-            self.state.iteration,
-            f"{self.state.consumed_tokens:,}",
-        )
+        if own:
+            logger.info(
+                "resumed from %s at iteration %d, %s tokens",
+                source,
+                self.state.iteration,
+                f"{self.state.consumed_tokens:,}",
+            )
+        else:
+            logger.info(
+                "starting from the weights of %s%s",
+                source,
+                " and its optimizer state" if cfg.checkpoint.load_optimizer else "",
+            )
 
     # ------------------------------------------------------------------------------ loop
     def train(self) -> int:
@@ -209,6 +217,12 @@ class Trainer:
 
         s, window, throughput = self.state, StepWindow(), Throughput()
         t_start, tokens_at_start, steps = time.perf_counter(), s.consumed_tokens, 0
+        if s.consumed_tokens >= self.job.total_tokens:
+            self.reason = (
+                f"this run finished earlier ({self.cfg.run_dir}); nothing to do. To train "
+                f"again, choose a new run_dir (or remove {self.cfg.run_dir})"
+            )
+            return self.exit_code
         if hasattr(self.job, "after_resume"):
             self.job.after_resume(self)
         if self.cfg.logging.eval_at_start and s.iteration == 0:
@@ -375,10 +389,13 @@ class Trainer:
 
         self.checkpoints.close()
         self.metrics.close()
+        minutes, seconds = divmod(round(time.perf_counter() - self.started), 60)
         logger.info(
-            "stopped at iteration %d (%s tokens): %s",
+            "stopped at iteration %d (%s tokens) after %d min %d s: %s",
             self.state.iteration,
             f"{self.state.consumed_tokens:,}",
+            minutes,
+            seconds,
             self.reason,
         )
         self.lock.release()

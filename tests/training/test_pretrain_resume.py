@@ -287,3 +287,16 @@ def test_resume_from_async_checkpoint_saves(tmp_path, corpora, tp2_runs):
     assert not list((run_dir / "checkpoints").glob("*.partial"))
     run_pretrain(run_dir, corpora, *opts)
     assert train_losses(run_dir) == train_losses(tp2_runs[0])
+
+
+def test_rerunning_a_finished_run_says_so_and_records_nothing_twice(tp2_runs, tmp_path, corpora):
+    full = tp2_runs[0]
+    run_dir = tmp_path / "finished"
+    shutil.copytree(full, run_dir)
+    before = open(run_dir / "metrics.jsonl").read()
+    checkpoints = sorted(os.listdir(run_dir / "checkpoints"))
+    proc = run_pretrain(run_dir, corpora, "parallel.tensor_parallel=2")
+    assert "this run finished earlier" in proc.stdout and "choose a new run_dir" in proc.stdout
+    assert "final validation" not in proc.stdout
+    assert open(run_dir / "metrics.jsonl").read() == before
+    assert sorted(os.listdir(run_dir / "checkpoints")) == checkpoints

@@ -169,11 +169,12 @@ class PretrainJob:
             decrease_batch_size_if_needed=False,
         )
         logger.info(
-            "stage %d: seq_length %d, %d sequences/step, %d micro-batches/rank, from %s tokens",
+            "stage %d: seq_length %d, %d sequences/step, %d micro-batch%s/rank, from %s tokens",
             stage.index,
             stage.seq_length,
             stage.global_batch_seqs,
             stage.num_microbatches,
+            "" if stage.num_microbatches == 1 else "es",
             f"{stage.start_tokens:,}",
         )
 
