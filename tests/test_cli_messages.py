@@ -11,10 +11,18 @@ from tests.conftest import REPO
 
 
 def test_pretrain_without_config_names_the_missing_flag(capsys):
+    import signal
+
     from megatron_danube.pretrain import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main([])
+    # The command installs its stop handlers in this process: give pytest its own back.
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main([])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("danube-pretrain: error: no --config given; pass --config FILE.yaml")

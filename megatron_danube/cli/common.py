@@ -94,9 +94,9 @@ def run_training(prog: str, description: str, build: Callable, argv=None) -> int
 
     `build(cfg)` checks that the config is this command's job and returns (job, model config).
     """
-    from megatron_danube.training.trainer import StopRequest
+    from megatron_danube.runtime.stop import StopRequest
 
-    stop = StopRequest()  # first, so a signal during start-up is not lost
+    stop = StopRequest()  # first, before torch loads, so a signal during start-up is not lost
 
     def add_arguments(parser) -> None:
         parser.add_argument(

@@ -65,6 +65,10 @@ class SentencePieceTokenizer:
     def unique_identifiers(self) -> dict:
         return {"class": "SentencePieceTokenizer", "path": self.path, "vocab_size": self.vocab_size}
 
+    def pieces(self) -> List[str]:
+        """The vocabulary in id order."""
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
 
 class HFTokenizer:
     kind = "huggingface"
@@ -102,6 +106,21 @@ class HFTokenizer:
     @property
     def unique_identifiers(self) -> dict:
         return {"class": "HFTokenizer", "path": self.path, "vocab_size": self.vocab_size}
+
+    def pieces(self) -> List[str]:
+        """The vocabulary in id order."""
+        return self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))
+
+
+def vocabulary_digest(tokenizer) -> str:
+    """The tokenizer's identity: a hash of its pieces in id order, whatever file or folder it
+    was read from (an SP model and its HF export share one)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for piece in tokenizer.pieces():
+        digest.update(piece.encode("utf-8", "surrogatepass") + b"\0")
+    return f"{tokenizer.vocab_size}:{digest.hexdigest()[:16]}"
 
 
 def resolve_tokenizer_path(spec: str) -> str:

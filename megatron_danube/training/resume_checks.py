@@ -4,6 +4,7 @@ token schedule. A difference is a one-line error naming the field, unless the ru
 
 from __future__ import annotations
 
+import os
 from typing import List
 
 from megatron_danube.config import RunConfig
@@ -32,11 +33,22 @@ def schedule_of(cfg: RunConfig) -> dict:
     }
 
 
+# Settings that name files: two spellings of one file are one setting (what the files hold is
+# compared by content in training/run_inputs.py).
+_PATH_LISTS = ("chat.train",)
+
+
+def _same(key: str, a, b) -> bool:
+    if key in _PATH_LISTS and isinstance(a, list) and isinstance(b, list):
+        return [os.path.realpath(p) for p in a] == [os.path.realpath(p) for p in b]
+    return a == b
+
+
 def _differences(saved: dict, current: dict, prefix: str = ""):
     for key in sorted(set(saved) | set(current)):
         if key in ("name",):  # a preset's label, not a property of the weights
             continue
-        if saved.get(key) != current.get(key):
+        if not _same(key, saved.get(key), current.get(key)):
             yield f"{prefix}{key}", saved.get(key), current.get(key)
 
 

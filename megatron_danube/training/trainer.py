@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Protocol
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_danube.config import RunConfig, save_config
+from megatron_danube.runtime.stop import StopRequest
 from megatron_danube.training import resume_checks
 from megatron_danube.training.checkpointing import CheckpointManager
 from megatron_danube.training.metrics import MetricsWriter, StepWindow, Throughput
@@ -66,6 +66,8 @@ class Job(Protocol):
     """The longest sequence the job feeds the model."""
     transformer_overrides: Dict[str, object]
     """TransformerConfig fields the job needs, e.g. `calculate_per_token_loss`."""
+    inputs: Dict[str, str]
+    """What the run reads, by content (training/run_inputs.py); recorded in every checkpoint."""
 
     def setup(self, rt, is_main: bool) -> None:
         """Prepare data; called once on every rank after the process group exists."""
@@ -85,23 +87,6 @@ class Job(Protocol):
     # Optional: `after_resume(trainer)`, run once the starting weights are in place (e.g. to
     # record reference log-probabilities), and `train_metrics(reports)`, the job's own
     # metrics from the loss reports summed over the logging window.
-
-
-class StopRequest:
-    """Set by SIGTERM/SIGUSR1 at any time; acted on by all ranks together at a step boundary."""
-
-    def __init__(self):
-        self.signal: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def agreed(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 class Trainer:
@@ -306,6 +291,7 @@ class Trainer:
             schedule=resume_checks.schedule_of(self.cfg),
             tokenizer=self.cfg.data.tokenizer,
             tokenizer_type=self.cfg.data.tokenizer_type,
+            inputs=self.job.inputs,
             **self.job.state_extra(self.state),
         )
 

@@ -92,3 +92,21 @@ def train_losses(run_dir):
             if "loss" in rec:
                 out[rec["iteration"]] = rec["loss"]
     return out
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer(tmp_path_factory):
+    """An 800-piece SentencePiece model trained on the pydoc text: another vocabulary that a
+    32,000-token model still accepts by size."""
+    import sentencepiece
+
+    from megatron_danube.data.demo_corpus import pydoc_paragraphs
+
+    prefix = tmp_path_factory.mktemp("other_tokenizer") / "sp800"
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(pydoc_paragraphs())[:2000]),
+        model_prefix=str(prefix),
+        vocab_size=800,
+        minloglevel=2,
+    )
+    return f"{prefix}.model"

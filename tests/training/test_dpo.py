@@ -184,3 +184,30 @@ def test_overfit_sixteen_pairs(tmp_path, start):
     assert evals[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert evals[-1]["eval_rewards/accuracies"] == 1.0, evals[-1]
     assert all(b > a for a, b in zip(margins, margins[1:])), margins
+
+
+def test_resume_with_changed_inputs_is_refused_and_keeps_every_checkpoint(
+    single_rank_run, tmp_path, start, pairs, other_tokenizer
+):
+    import shutil
+
+    from tests.training.test_sft_run import changed_inputs, launch_finetune, refuse_changed_inputs
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(single_rank_run, run_dir)
+    records = [json.loads(line) for line in open(pairs)]
+    data, template, tokenizer = changed_inputs(tmp_path, records, other_tokenizer, "chosen")
+
+    def run(run_dir, *overrides):
+        config = "tests/training/tiny_dpo.yaml"
+        return launch_finetune(run_dir, config, f"checkpoint.load={start}", *overrides)
+
+    refuse_changed_inputs(
+        run,
+        run_dir,
+        [
+            ([f"chat.train=[{data}]"], "chat.train (the files' contents)"),
+            ([f"chat.train=[{pairs}]", f"chat.template={template}"], "chat.template (its text)"),
+            ([f"chat.train=[{pairs}]", f"data.tokenizer={tokenizer}"], "data.tokenizer"),
+        ],
+    )

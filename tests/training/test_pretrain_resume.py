@@ -300,3 +300,17 @@ def test_rerunning_a_finished_run_says_so_and_records_nothing_twice(tp2_runs, tm
     assert "final validation" not in proc.stdout
     assert open(run_dir / "metrics.jsonl").read() == before
     assert sorted(os.listdir(run_dir / "checkpoints")) == checkpoints
+
+
+def test_sigterm_in_the_first_second_is_honoured(tmp_path, corpora):
+    """The stop handler is installed before torch loads: a SIGTERM one second after launch
+    (long before the imports end) saves at the first step boundary and exits 0."""
+    import time
+
+    run_dir = tmp_path / "early"
+    proc = run_pretrain(run_dir, corpora, nproc=1, background=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "signal received" in out

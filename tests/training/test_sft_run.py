@@ -131,3 +131,86 @@ def test_export_chats_with_the_template_and_stops_at_eos(overfit_run, tmp_path, 
     generated = model.generate(ids, max_new_tokens=120, do_sample=False)[0, ids.shape[1] :]
     assert generated[-1].item() == tok.eos_token_id and len(generated) < 120  # stopped at </s>
     assert tok.decode(generated, skip_special_tokens=True) == messages[turn]["content"]
+
+
+def launch_finetune(run_dir, config, *overrides, nproc=2):
+    """danube-launch (a config error: the line once and exit 2) with `nproc` workers."""
+    cmd = [sys.executable, "-m", "megatron_danube.cli.launch", f"--nproc-per-node={nproc}"]
+    cmd += [f"--master-port={free_port()}", "-m", "megatron_danube.finetune"]
+    cmd += ["--config", os.path.join(REPO, config), f"run_dir={run_dir}", *overrides]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def refuse_changed_inputs(run, run_dir, cases):
+    """Each case reruns `run_dir` with one input changed: exit 2 naming it, nothing written."""
+    checkpoints = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    config = open(os.path.join(run_dir, "config.yaml")).read()
+    metrics = open(os.path.join(run_dir, "metrics.jsonl")).read()
+    for overrides, what in cases:
+        proc = run(run_dir, *overrides)
+        assert proc.returncode == 2, (overrides, proc.stderr[-3000:])
+        errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and f"holds checkpoints trained on another {what}" in errors[0]
+        assert "checkpoint.load=" in errors[0]  # the second way on: a new phase from this run
+        assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == checkpoints
+        assert open(os.path.join(run_dir, "config.yaml")).read() == config
+        assert open(os.path.join(run_dir, "metrics.jsonl")).read() == metrics
+
+
+def changed_inputs(tmp_path, records, other_tokenizer, data_key):
+    """(a data file with one record changed, a template of other text, another tokenizer)."""
+    from megatron_danube.data.chat.template import DANUBE_TEMPLATE
+
+    changed = [json.loads(json.dumps(r)) for r in records]
+    changed[0] = dict(changed[0], **{data_key: changed[1][data_key]})
+    data = tmp_path / "changed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in changed))
+    template = tmp_path / "other.jinja"
+    template.write_text(DANUBE_TEMPLATE + "{# another revision #}")
+    return str(data), str(template), other_tokenizer
+
+
+def test_resume_with_changed_inputs_is_refused_and_keeps_every_checkpoint(
+    overfit_run, tmp_path, chat_files, hf_start, other_tokenizer
+):
+    import shutil
+
+    path, records = chat_files
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(overfit_run, run_dir)
+    data, template, tokenizer = changed_inputs(tmp_path, records, other_tokenizer, "messages")
+    base = [f"chat.valid=[{path}]", f"checkpoint.load={hf_start}"]
+
+    def run(run_dir, *overrides):
+        return launch_finetune(run_dir, "tests/training/tiny_sft.yaml", *base, *overrides)
+
+    refuse_changed_inputs(
+        run,
+        run_dir,
+        [
+            ([f"chat.train=[{data}]"], "chat.train (the files' contents)"),
+            ([f"chat.train=[{path}]", f"chat.template={template}"], "chat.template (its text)"),
+            ([f"chat.train=[{path}]", f"data.tokenizer={tokenizer}"], "data.tokenizer"),
+        ],
+    )
+    # One file under another spelling is the same input: the finished run says so, exit 0.
+    spelled = os.path.relpath(path, REPO)
+    proc = run(run_dir, f"chat.train=[{spelled}]")
+    assert proc.returncode == 0 and "this run finished earlier" in proc.stderr + proc.stdout
+
+
+def test_a_start_from_a_checkpoint_of_another_tokenizer_is_refused(
+    overfit_run, tmp_path, chat_files, other_tokenizer
+):
+    path, _ = chat_files
+    proc = launch_finetune(
+        tmp_path / "new",
+        "tests/training/tiny_sft.yaml",
+        f"chat.train=[{path}]",
+        f"checkpoint.load={overfit_run}",
+        f"data.tokenizer={other_tokenizer}",
+    )
+    assert proc.returncode == 2
+    assert f"checkpoint.load={overfit_run} was trained with another tokenizer" in proc.stderr
+    assert not os.path.exists(tmp_path / "new" / "checkpoints")

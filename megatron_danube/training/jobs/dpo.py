@@ -103,8 +103,8 @@ class DPOJob(SFTJob):
     kind = "dpo"
     report_sizes = DPO_REPORTS
 
-    def __init__(self, cfg: RunConfig, model_cfg, tokenizer, checked=None):
-        super().__init__(cfg, model_cfg, tokenizer, checked)
+    def __init__(self, cfg: RunConfig, model_cfg, tokenizer, checked=None, inputs=None):
+        super().__init__(cfg, model_cfg, tokenizer, checked, inputs)
         self.sample_length = self.seq_length // 2  # both sides of a pair share a row
         self.forward_step = partial(packed_step, partial(_dpo_loss, settings=cfg.dpo))
         self.reference = {}
@@ -215,7 +215,7 @@ class DPOJob(SFTJob):
 
 def build(cfg: RunConfig) -> Tuple[DPOJob, object]:
     """(job, model config) after every up-front check."""
-    model_cfg, tokenizer, checked = check_config(cfg)
+    model_cfg, tokenizer, checked, inputs = check_config(cfg)
     if cfg.chat.seq_length < 4:
         raise DanubeConfigError("chat.seq_length must be >= 4 for preference pairs")
-    return DPOJob(cfg, model_cfg, tokenizer, checked), model_cfg
+    return DPOJob(cfg, model_cfg, tokenizer, checked, inputs), model_cfg

@@ -16,6 +16,7 @@ import torch
 
 from megatron_danube.config import RunConfig
 from megatron_danube.errors import DanubeConfigError
+from megatron_danube.training import run_inputs
 from megatron_danube.training.stages import Stage, plan_stages, stage_at
 from megatron_danube.training.step import LM_REPORTS, lm_forward_step, lm_loss
 from megatron_danube.training.trainer import StepBatch, TrainState
@@ -92,7 +93,10 @@ def check_config(cfg: RunConfig):
         raise DanubeConfigError("precision.params_dtype=float16 needs a GPU; use float32 on CPU")
     if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
         raise DanubeConfigError(f"checkpoint.load={cfg.checkpoint.load} is not a directory")
-    return model, stages, tokenizer, checked
+    inputs = run_inputs.run_inputs(cfg, tokenizer)
+    if not run_inputs.check_resume(cfg, inputs):
+        run_inputs.check_start(cfg.checkpoint.load, inputs)
+    return model, stages, tokenizer, checked, inputs
 
 
 def _check_split(split: str) -> None:
@@ -115,9 +119,12 @@ class PretrainJob:
     # Every micro-batch has the same token count: megatron's per-micro-batch mean is exact.
     transformer_overrides: Dict[str, object] = {}
 
-    def __init__(self, cfg: RunConfig, model_cfg, stages: List[Stage], tokenizer, checked=None):
+    def __init__(
+        self, cfg: RunConfig, model_cfg, stages: List[Stage], tokenizer, checked=None, inputs=None
+    ):
         self.cfg, self.model_cfg, self.stages, self.tokenizer = cfg, model_cfg, stages, tokenizer
         self.checked_layout = checked  # check_layout's answer, so start-up validates once
+        self.inputs = inputs or {}  # what the run reads, by content (training/run_inputs.py)
         self.total_tokens = cfg.train.train_tokens
         self.max_seq_length = max(s.seq_length for s in stages)
         self.current = None
@@ -233,5 +240,5 @@ class PretrainJob:
 
 def build(cfg: RunConfig) -> Tuple[PretrainJob, object]:
     """(job, model config) after every up-front check."""
-    model_cfg, stages, tokenizer, checked = check_config(cfg)
-    return PretrainJob(cfg, model_cfg, stages, tokenizer, checked), model_cfg
+    model_cfg, stages, tokenizer, checked, inputs = check_config(cfg)
+    return PretrainJob(cfg, model_cfg, stages, tokenizer, checked, inputs), model_cfg

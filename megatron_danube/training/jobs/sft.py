@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_danube.config import RunConfig
 from megatron_danube.errors import DanubeConfigError
+from megatron_danube.training import run_inputs
 from megatron_danube.training.step import LM_REPORTS, lm_loss, packed_forward_step
 from megatron_danube.training.trainer import StepBatch, TrainState
 
@@ -96,7 +97,13 @@ def check_config(cfg: RunConfig):
     tokenizer = load_run_tokenizer(cfg, model, "use the tokenizer the model was trained with")
     _, special = chat_backend(tokenizer)
     ChatTemplate(resolve_template(chat.template), special)  # a broken template fails now
-    return model, tokenizer, checked
+    files = {"chat.train": check_files(chat.train, "chat.train")}
+    if chat.valid:
+        files["chat.valid"] = check_files(chat.valid, "chat.valid")
+    inputs = run_inputs.run_inputs(cfg, tokenizer, files)
+    if not run_inputs.check_resume(cfg, inputs):
+        run_inputs.check_start(cfg.checkpoint.load, inputs)
+    return model, tokenizer, checked, inputs
 
 
 def hf_start_dir(hf_dir: str, run_dir: str) -> str:
@@ -151,9 +158,10 @@ class SFTJob:
     transformer_overrides: Dict[str, object] = {"calculate_per_token_loss": True}
     loss = staticmethod(lm_loss)
 
-    def __init__(self, cfg: RunConfig, model_cfg, tokenizer, checked=None):
+    def __init__(self, cfg: RunConfig, model_cfg, tokenizer, checked=None, inputs=None):
         self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
         self.checked_layout = checked
+        self.inputs = inputs or {}  # what the run reads, by content (training/run_inputs.py)
         self.seq_length = cfg.chat.seq_length
         self.max_seq_length = self.seq_length  # RoPE positions restart per conversation
         self.packs_per_step = cfg.train.global_batch_tokens // self.seq_length
@@ -333,5 +341,5 @@ class SFTJob:
 
 def build(cfg: RunConfig) -> Tuple[SFTJob, object]:
     """(job, model config) after every up-front check."""
-    model_cfg, tokenizer, checked = check_config(cfg)
-    return SFTJob(cfg, model_cfg, tokenizer, checked), model_cfg
+    model_cfg, tokenizer, checked, inputs = check_config(cfg)
+    return SFTJob(cfg, model_cfg, tokenizer, checked, inputs), model_cfg
