@@ -109,6 +109,7 @@ def test_readme_configuration_table_is_the_generated_one():
 
     readme = open(os.path.join(REPO, "README.md")).read()
     assert START in readme and END in readme, "README lacks the configuration table markers"
+    assert readme.count(START) == readme.count(END) == 1, "one table, one pair of markers"
     table = readme[readme.index(START) : readme.index(END) + len(END)]
     assert table == markdown(), "README's configuration table is stale: run danube-config-reference"
 

@@ -377,12 +377,12 @@ class Trainer:
         self.metrics.close()
         minutes, seconds = divmod(round(time.perf_counter() - self.started), 60)
         logger.info(
-            "stopped at iteration %d (%s tokens) after %d min %d s: %s",
+            "stopped at iteration %d (%s tokens): %s (%d min %d s in all)",
             self.state.iteration,
             f"{self.state.consumed_tokens:,}",
+            self.reason,
             minutes,
             seconds,
-            self.reason,
         )
         self.lock.release()
         shutdown()
