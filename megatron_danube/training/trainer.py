@@ -202,14 +202,14 @@ class Trainer:
 
         s, window, throughput = self.state, StepWindow(), Throughput()
         t_start, tokens_at_start, steps = time.perf_counter(), s.consumed_tokens, 0
+        if hasattr(self.job, "after_resume"):
+            self.job.after_resume(self)
         if s.consumed_tokens >= self.job.total_tokens:
             self.reason = (
                 f"this run finished earlier ({self.cfg.run_dir}); nothing to do. To train "
                 f"again, choose a new run_dir (or remove {self.cfg.run_dir})"
             )
             return self.exit_code
-        if hasattr(self.job, "after_resume"):
-            self.job.after_resume(self)
         if self.cfg.logging.eval_at_start and s.iteration == 0:
             self.evaluate()
         while s.consumed_tokens < self.job.total_tokens:
