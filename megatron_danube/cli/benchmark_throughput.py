@@ -116,7 +116,7 @@ def megatron_runner(model_cfg, spec: str, params_dtype: str, fp8: Optional[str])
     from megatron_danube.models.config_builder import build_transformer_config
     from megatron_danube.runtime.distributed import initialize
     from megatron_danube.training.optim import make_optimizer
-    from megatron_danube.training.step import train_step, wrap_with_ddp
+    from megatron_danube.training.step import causal_lm_batch, train_step, wrap_with_ddp
 
     layout = ParallelLayout()
     rt = initialize(model_cfg, layout, spec=spec)
@@ -135,13 +135,7 @@ def megatron_runner(model_cfg, spec: str, params_dtype: str, fp8: Optional[str])
     optimizer = make_optimizer(OptimSection(lr=1e-4), chunks, config)
 
     def make_step(seq: int, mbs: int):
-        tokens = random_tokens(model_cfg.vocab_size, seq, mbs, rt.device)
-        batch = {
-            "tokens": tokens[:, :-1],
-            "labels": tokens[:, 1:],
-            "loss_mask": torch.ones(mbs, seq, device=rt.device),
-            "position_ids": torch.arange(seq, device=rt.device).expand(mbs, seq),
-        }
+        batch = causal_lm_batch(random_tokens(model_cfg.vocab_size, seq, mbs, rt.device))
 
         def step():
             train_step(

@@ -9,8 +9,9 @@ Takes torchrun's arguments unchanged. It differs from torchrun in two ways:
   workers down and exiting 1; SIGUSR1 kills it outright. Here SIGTERM, SIGINT and SIGUSR1 are
   passed on to the workers, which save at the next step boundary and exit 0, so the launcher
   exits 0 too. A second SIGINT or SIGTERM falls back to torchrun's own handling (tear down now).
-* Bad input: when every failed worker exited 2 (rank 0 has printed the one-line error), the
-  launcher exits 2 without torchrun's failure report and traceback.
+* Bad input: when the workers stopped on a one-line error (some exited 2, rank 0 printed the
+  line, the rest exited 2 too or were torn down), the launcher exits 2 without torchrun's
+  failure report and traceback.
 """
 
 from __future__ import annotations
@@ -85,9 +86,11 @@ def parser():
     """torchrun's own argument parser under this command's name and description."""
     from torch.distributed import run as torchrun
 
+    from megatron_danube.cli.common import summary
+
     p = torchrun.get_args_parser()
     p.prog = "danube-launch"
-    p.description = " ".join(__doc__.split("\n\n")[0].split()) + (
+    p.description = summary(__doc__) + (
         " Takes torchrun's arguments, listed below; see `pydoc megatron_danube.cli.launch`."
     )
     return p

@@ -43,13 +43,13 @@ def megatron_logits(mcore_dir: str, input_ids: torch.Tensor, preset: Optional[st
         resolve_checkpoint,
     )
     from megatron_danube.models.full_weights import load_full_weights
-    from megatron_danube.models.hf_adapter import to_local_names
+    from megatron_danube.models.hf_adapter import local_name
 
     ckpt = resolve_checkpoint(mcore_dir)
     model_cfg = model_config_of(read_state(ckpt), preset)
     weights = load_megatron_weights(ckpt, model_cfg)
     # checkpoints store norms under TE's names; the local model uses its own
-    full = to_local_names({k: v.float() for k, v in weights.items()}, model_cfg)
+    full = {local_name(k): v.float() for k, v in weights.items()}
     model = build_local_model(model_cfg, torch.float32).eval()
     load_full_weights([model], full)
     pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)

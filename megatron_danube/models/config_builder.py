@@ -11,7 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_danube.config.sections import ParallelLayout, PrecisionConfig, RecomputeConfig
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.presets import DanubeModelConfig
-from megatron_danube.models.te_support import fp8_problem, gpu_capability
+from megatron_danube.models.te_support import check_fp8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,15 +33,7 @@ def build_transformer_config(
             f"precision.params_dtype={precision.params_dtype!r}; choose one of {sorted(DTYPES)}"
         )
     dtype = DTYPES[precision.params_dtype]
-    if precision.fp8 is not None:
-        if spec != "te":
-            raise DanubeConfigError(
-                f"precision.fp8={precision.fp8!r} needs Transformer Engine (model.spec=te on a "
-                f"GPU with transformer_engine installed); unset precision.fp8"
-            )
-        problem = fp8_problem(precision.fp8, gpu_capability() if device_type == "cuda" else None)
-        if problem:
-            raise DanubeConfigError(problem)
+    check_fp8(precision.fp8, spec, device_type)
     if recompute.granularity not in (None, "selective", "full"):
         raise DanubeConfigError(
             f"recompute.granularity={recompute.granularity!r}; choose null, selective or full"

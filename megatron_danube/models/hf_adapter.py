@@ -161,17 +161,6 @@ def local_name(name: str) -> str:
     return name
 
 
-def to_local_names(
-    sd: Dict[str, torch.Tensor], model: DanubeModelConfig
-) -> Dict[str, torch.Tensor]:
-    """Rename tensors stored under the TE spelling (the checkpoint form) to the local spec's."""
-    for _, name, _, aliases in _expand(model):
-        for alias in aliases:
-            if alias in sd:
-                sd[name] = sd.pop(alias)
-    return sd
-
-
 def hf_to_mcore(hf: Dict[str, torch.Tensor], model: DanubeModelConfig) -> Dict[str, torch.Tensor]:
     """HF state dict -> full megatron state dict (local-spec names). Consumes `hf`."""
     expected_rows = {

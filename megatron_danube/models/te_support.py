@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from megatron_danube.errors import DanubeConfigError
+
 # Minimum compute capability per FP8 recipe (megatron's `fp8_recipe` names).
 FP8_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "mxfp8": (10, 0)}
 
@@ -43,6 +45,21 @@ def fp8_problem(recipe: Optional[str], capability: Optional[Tuple[int, int]]) ->
         f"precision.fp8={recipe} needs FP8 tensor cores (sm_89 or newer), this GPU is {have}; "
         f"unset precision.fp8 to train in bf16"
     )
+
+
+def check_fp8(fp8: Optional[str], spec: str, device_type: str) -> None:
+    """An FP8 recipe this run's spec and GPU can execute, or a one-line error."""
+    if fp8 is None:
+        return
+    if spec != "te":
+        raise DanubeConfigError(
+            f"precision.fp8={fp8!r} needs Transformer Engine (model.spec=te on a GPU with "
+            f"transformer_engine installed); this run resolved model.spec={spec}: "
+            f"unset precision.fp8"
+        )
+    problem = fp8_problem(fp8, gpu_capability() if device_type == "cuda" else None)
+    if problem:
+        raise DanubeConfigError(problem)
 
 
 def gpu_capability() -> Optional[Tuple[int, int]]:

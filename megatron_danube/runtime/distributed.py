@@ -23,7 +23,7 @@ from megatron_danube.config import ParallelLayout
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.layer_specs import resolve_spec
 from megatron_danube.models.presets import DanubeModelConfig
-from megatron_danube.models.te_support import fp8_problem, gpu_capability
+from megatron_danube.models.te_support import check_fp8
 from megatron_danube.runtime import compat
 from megatron_danube.runtime.layout import validate_layout
 
@@ -160,21 +160,6 @@ def check_layout(
     model.validate()
     validate_layout(layout, model, launch.world_size, spec=resolved_spec, seq_length=seq_length)
     return launch, device_type, resolved_spec
-
-
-def check_fp8(fp8: Optional[str], spec: str, device_type: str) -> None:
-    """An FP8 recipe this run's spec and GPU can execute, or a one-line error."""
-    if fp8 is None:
-        return
-    if spec != "te":
-        raise DanubeConfigError(
-            f"precision.fp8={fp8!r} needs Transformer Engine (model.spec=te on a GPU with "
-            f"transformer_engine installed); this run resolved model.spec={spec}: "
-            f"unset precision.fp8"
-        )
-    problem = fp8_problem(fp8, gpu_capability() if device_type == "cuda" else None)
-    if problem:
-        raise DanubeConfigError(problem)
 
 
 def initialize(

@@ -43,17 +43,20 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_inputs(cfg: RunConfig, tokenizer, chat_files: Optional[Dict[str, List[str]]] = None):
-    """The identities of what this run reads (chat runs: with their data files and template)."""
+def run_inputs(
+    tokenizer,
+    template: Optional[str] = None,
+    chat_files: Optional[Dict[str, List[str]]] = None,
+) -> Dict[str, str]:
+    """The identities of what this run reads: its tokenizer, and for chat runs the resolved
+    template text and the data files by setting (`chat.train`, `chat.valid`)."""
     from megatron_danube.data.tokenizer import vocabulary_digest
 
     inputs = {"tokenizer": vocabulary_digest(tokenizer)}
-    if chat_files is not None:
-        from megatron_danube.data.chat.template import resolve_template
-
-        inputs["chat.template"] = text_digest(resolve_template(cfg.chat.template))
-        for name, paths in chat_files.items():
-            inputs[name] = files_digest(paths)
+    if template is not None:
+        inputs["chat.template"] = text_digest(template)
+    for name, paths in (chat_files or {}).items():
+        inputs[name] = files_digest(paths)
     return inputs
 
 

@@ -63,6 +63,18 @@ def _masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def causal_lm_batch(ids: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """`lm_forward_step`'s batch from [b, s + 1] token ids: predict each next token, all
+    positions trained on (benchmarks, tests, fixed-data checks)."""
+    batch, seq = ids.shape[0], ids.shape[1] - 1
+    return {
+        "tokens": ids[:, :-1],
+        "labels": ids[:, 1:],
+        "loss_mask": torch.ones(batch, seq, device=ids.device),
+        "position_ids": torch.arange(seq, device=ids.device).expand(batch, seq),
+    }
+
+
 def lm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     """Megatron forward-step function for next-token prediction on GPTModel.
 

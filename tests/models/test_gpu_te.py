@@ -216,19 +216,14 @@ def te_train_losses(model_cfg, full, fp8, ids):
     from megatron_danube.config import OptimSection
     from megatron_danube.models.full_weights import load_full_weights
     from megatron_danube.training.optim import make_optimizer
-    from megatron_danube.training.step import train_step, wrap_with_ddp
+    from megatron_danube.training.step import causal_lm_batch, train_step, wrap_with_ddp
 
     config, model = build(model_cfg, "te", fp8=fp8)
     load_full_weights([model], full)
     chunks = wrap_with_ddp([model], config, use_distributed_optimizer=True)
     optimizer = make_optimizer(OptimSection(lr=FP8_LR), chunks, config)
     mbs, seq = ids.shape[0], ids.shape[1] - 1
-    batch = {
-        "tokens": ids[:, :-1],
-        "labels": ids[:, 1:],
-        "loss_mask": torch.ones(mbs, seq, device="cuda"),
-        "position_ids": torch.arange(seq, device="cuda").expand(mbs, seq),
-    }
+    batch = causal_lm_batch(ids)
     losses, norms = [], []
     for _ in range(FP8_STEPS):
         result = train_step(

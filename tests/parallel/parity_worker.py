@@ -31,7 +31,12 @@ from megatron_danube.models.full_weights import (  # noqa: E402
 from megatron_danube.models.presets import get_preset  # noqa: E402
 from megatron_danube.runtime.distributed import initialize  # noqa: E402
 from megatron_danube.training.optim import make_optimizer  # noqa: E402
-from megatron_danube.training.step import forward_backward, train_step, wrap_with_ddp  # noqa: E402
+from megatron_danube.training.step import (  # noqa: E402
+    causal_lm_batch,
+    forward_backward,
+    train_step,
+    wrap_with_ddp,
+)
 
 MODEL = get_preset("danube-test")
 SEQ = 32  # > the preset's window of 8: the sliding window is exercised
@@ -53,14 +58,7 @@ def data_iterators(step: int, dp_rank: int, dp_size: int, num_chunks: int):
     micro = []
     for i in range(0, per_rank, MICRO_BATCH):
         chunk = mine[i : i + MICRO_BATCH]
-        micro.append(
-            {
-                "tokens": chunk[:, :-1],
-                "labels": chunk[:, 1:],
-                "loss_mask": torch.ones(chunk.shape[0], SEQ),
-                "position_ids": torch.arange(SEQ).expand(chunk.shape[0], SEQ),
-            }
-        )
+        micro.append(causal_lm_batch(chunk))
     return [iter(list(micro)) for _ in range(num_chunks)], len(micro)
 
 

@@ -24,7 +24,7 @@ from megatron_danube.models.presets import get_preset
 from megatron_danube.runtime import compat
 from megatron_danube.training.checkpointing import CheckpointManager
 from megatron_danube.training.optim import make_optimizer
-from megatron_danube.training.step import train_step, wrap_with_ddp
+from megatron_danube.training.step import causal_lm_batch, train_step, wrap_with_ddp
 
 MODEL = get_preset("danube-test")
 
@@ -131,14 +131,13 @@ def _ddp_and_optimizer(lr):
 
 def _one_step(chunks, opt):
     t = torch.randint(0, MODEL.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-    batch = {
-        "tokens": t[:, :-1],
-        "labels": t[:, 1:],
-        "loss_mask": torch.ones(2, 16),
-        "position_ids": torch.arange(16).expand(2, 16),
-    }
     return train_step(
-        chunks, opt, [iter([batch])], num_microbatches=1, seq_length=16, micro_batch_size=2
+        chunks,
+        opt,
+        [iter([causal_lm_batch(t)])],
+        num_microbatches=1,
+        seq_length=16,
+        micro_batch_size=2,
     )
 
 

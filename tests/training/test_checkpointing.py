@@ -12,7 +12,7 @@ from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.models.presets import get_preset
 from megatron_danube.training.checkpointing import CheckpointManager
 from megatron_danube.training.optim import make_optimizer
-from megatron_danube.training.step import train_step, wrap_with_ddp
+from megatron_danube.training.step import causal_lm_batch, train_step, wrap_with_ddp
 
 MODEL = get_preset("danube-test")
 
@@ -32,13 +32,7 @@ def _build(seed, distributed=True, **optim):
 def _batch(step):
     g = torch.Generator().manual_seed(step)
     t = torch.randint(0, MODEL.vocab_size, (2, 17), generator=g)
-    b = {
-        "tokens": t[:, :-1],
-        "labels": t[:, 1:],
-        "loss_mask": torch.ones(2, 16),
-        "position_ids": torch.arange(16).expand(2, 16),
-    }
-    return [iter([b])]
+    return [iter([causal_lm_batch(t)])]
 
 
 def _step(chunks, opt, step):

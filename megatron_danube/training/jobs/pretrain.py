@@ -93,7 +93,7 @@ def check_config(cfg: RunConfig):
         raise DanubeConfigError("precision.params_dtype=float16 needs a GPU; use float32 on CPU")
     if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
         raise DanubeConfigError(f"checkpoint.load={cfg.checkpoint.load} is not a directory")
-    inputs = run_inputs.run_inputs(cfg, tokenizer)
+    inputs = run_inputs.run_inputs(tokenizer)
     if not run_inputs.check_resume(cfg, inputs):
         run_inputs.check_start(cfg.checkpoint.load, inputs)
     return model, stages, tokenizer, checked, inputs

@@ -84,8 +84,9 @@ def check_config(cfg: RunConfig):
         ensure_demo_chat(chat.demo_dir)
     if not chat.train:
         raise DanubeConfigError("job: sft needs chat.train (JSONL conversation files)")
-    check_files(chat.train, "chat.train")
-    check_files(chat.valid, "chat.valid")
+    files = {"chat.train": check_files(chat.train, "chat.train")}
+    if chat.valid:
+        files["chat.valid"] = check_files(chat.valid, "chat.valid")
     if not cfg.checkpoint.load:
         raise DanubeConfigError(
             "job: sft starts from trained weights; set checkpoint.load to a run directory, a "
@@ -96,11 +97,9 @@ def check_config(cfg: RunConfig):
     check_run_dir(cfg.run_dir)
     tokenizer = load_run_tokenizer(cfg, model, "use the tokenizer the model was trained with")
     _, special = chat_backend(tokenizer)
-    ChatTemplate(resolve_template(chat.template), special)  # a broken template fails now
-    files = {"chat.train": check_files(chat.train, "chat.train")}
-    if chat.valid:
-        files["chat.valid"] = check_files(chat.valid, "chat.valid")
-    inputs = run_inputs.run_inputs(cfg, tokenizer, files)
+    template = resolve_template(chat.template)
+    ChatTemplate(template, special)  # a broken template fails now
+    inputs = run_inputs.run_inputs(tokenizer, template, files)
     if not run_inputs.check_resume(cfg, inputs):
         run_inputs.check_start(cfg.checkpoint.load, inputs)
     return model, tokenizer, checked, inputs
