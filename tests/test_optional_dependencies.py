@@ -39,7 +39,7 @@ def run_without(modules, code):
             "hf",
         ),
         (
-            "megatron_danube.data.preprocess",
+            "megatron_danube.cli.preprocess",
             [
                 "--input",
                 "{jsonl_zst}",
@@ -52,7 +52,7 @@ def run_without(modules, code):
             "data",
         ),
         (
-            "megatron_danube.data.preprocess",
+            "megatron_danube.cli.preprocess",
             ["--input", "{jsonl}", "--output-prefix", "{out}/x", "--tokenizer-model", "mistral-v1"],
             ["mistral_common"],
             "demo",

@@ -3,7 +3,7 @@
 
 import sys
 
-from megatron_danube.data.preprocess import main
+from megatron_danube.cli.preprocess import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -55,7 +55,7 @@ def main(argv=None):
     p.add_argument("--tokenizer-model", default="mistral-v1")
     args = p.parse_args(argv)
 
-    from megatron_danube.data.preprocess import main as preprocess
+    from megatron_danube.cli.preprocess import main as preprocess
     from megatron_danube.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer_model)

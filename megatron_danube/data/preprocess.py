@@ -1,23 +1,30 @@
 """Corpora into Megatron indexed datasets: Megatron-LM's flags and format, streamed, safe.
 
-The parent process reads raw lines and hands batches to a pool of workers, keeping a bounded
+The parent process reads raw lines and hands batches to worker processes, keeping a bounded
 number of batches in flight (memory does not grow with the corpus) and writing results in
 input order (output is identical for any number of workers). Workers decode, parse, check,
 split sentences and tokenise. Bad records are counted, reported with file:line and skipped,
-or are fatal with --strict. With several --json-keys the outputs stay aligned record for
+or are fatal with `strict`. With several JSON keys the outputs stay aligned record for
 record: a key that is empty or missing beside other keys with text gets an empty document,
 reported as a warning. Output is renamed into place only on success.
+
+`preprocess(PreprocessOptions(...))` runs it; `danube-preprocess` (cli/preprocess.py) is the
+command around it. Messages name the command's flags, which the options' fields mirror.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import itertools
 import json
 import logging
 import multiprocessing as mp
 import os
+import pickle
+import queue
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -28,31 +35,64 @@ import numpy as np
 from megatron_danube.data.indexed import IndexedWriter, dataset_exists, token_dtype
 from megatron_danube.data.sources import Piece, expand_inputs, make_partitions, read_piece
 from megatron_danube.data.tokenizer import load_tokenizer
-from megatron_danube.errors import DanubeConfigError, missing_extra_message
+from megatron_danube.errors import DanubeConfigError
 
 BATCH_LINES = 512
 MAX_REPORTED = 5
+POLL_S = 1.0  # how often a worker checks for its parent, and a waiting parent for its workers
 
 logger = logging.getLogger(__name__)
 
 
+def default_workers() -> int:
+    """One tokenising process per CPU."""
+    return max(1, (os.cpu_count() or 2))
+
+
+@dataclass
+class PreprocessOptions:
+    """One run: what to read, how to tokenise it, where to write. Each field is the
+    `danube-preprocess` flag of the same name (`--json-keys` is `json_keys`)."""
+
+    input: List[str]
+    """JSONL (.jsonl, .gz, .zst), parquet or text files, directories or globs."""
+    tokenizer_model: str
+    """SentencePiece .model, HF tokenizer directory, or mistral-v1."""
+    output_prefix: str
+    """Writes PREFIX_KEY_document.bin/.idx (PREFIX_KEY_sentence with `split_sentences`)."""
+    json_keys: List[str] = field(default_factory=lambda: ["text"])
+    """Keys to extract, one output each; a value is a string or a list of sentences."""
+    split_sentences: bool = False
+    """Store sentences as items (nltk punkt)."""
+    keep_newlines: bool = False
+    """With `split_sentences`, keep the whitespace between sentences, each with the one before."""
+    lang: str = "english"
+    """punkt language for `split_sentences`."""
+    max_documents: Optional[int] = None
+    """Read only the first N input records of the whole input (bad ones count); None: all."""
+    tokenizer_type: Optional[str] = None
+    """SentencePieceTokenizer or HuggingFaceTokenizer; None: inferred from `tokenizer_model`."""
+    append_eod: bool = False
+    """Append the EOS token to each document."""
+    overwrite: bool = False
+    """Replace existing outputs."""
+    workers: int = field(default_factory=default_workers)
+    """Tokenising processes; 1 tokenises in this process."""
+    partitions: int = 1
+    """Split the input into K parts (files or line ranges) processed one by one."""
+    partition_index: Optional[int] = None
+    """Process only this partition (SLURM arrays), without merging; None: all, merged."""
+    keep_partitions: bool = False
+    """Keep the per-partition outputs after merging."""
+    strict: bool = False
+    """Stop at the first record that would be skipped."""
+    progress: bool = True
+    """A progress bar, where stderr is a terminal."""
+    log_interval: Optional[int] = None
+    """Log counts and rates each time the document count passes a multiple of N; None: off."""
+
+
 # ---------------------------------------------------------------------------- worker side
-
-_W: Dict[str, object] = {}
-
-
-def _init_worker(
-    tokenizer_spec, tokenizer_type, keys, split_sentences, lang, append_eod, keep_newlines
-):
-    _W["tok"] = load_tokenizer(tokenizer_spec, tokenizer_type)
-    _W["keys"] = keys
-    _W["append_eod"] = append_eod
-    _W["splitter"] = (
-        sentence_splitter(lang, keep_newlines=keep_newlines) if split_sentences else None
-    )
-
-
-_SPLITTER_WARNED = False
 
 
 def sentence_splitter(
@@ -63,21 +103,19 @@ def sentence_splitter(
     punkt drops the whitespace between sentences. With `keep_newlines` each sentence runs up to
     the start of the next one instead, so the newlines after it are tokenised with it (what
     Megatron-LM's --keep-newlines gives); the text after the last sentence is dropped, as punkt
-    does.
+    does. A run asks once with `quiet=False` (the check before any work), so it warns once.
     """
-    global _SPLITTER_WARNED
     import nltk.tokenize.punkt as punkt
 
     try:
         tokenizer = punkt.PunktTokenizer(lang)
     except (LookupError, OSError, ValueError):
-        if not quiet and not _SPLITTER_WARNED:
+        if not quiet:
             logger.warning(
                 "nltk punkt data for %r is not installed; using nltk's untrained Punkt "
                 "sentence splitter (python -m nltk.downloader punkt_tab installs the trained one)",
                 lang,
             )
-            _SPLITTER_WARNED = True
         tokenizer = punkt.PunktSentenceTokenizer()
     if not keep_newlines:
         return tokenizer.tokenize
@@ -136,62 +174,118 @@ def _value(record, key: str) -> Tuple[Union[str, List[str], None], Optional[str]
 KEPT_EMPTY = ("empty", "missing_key")
 
 
-def process_batch(task):
-    """Tokenise one batch. Returns per key (flat token array, doc lengths, sentence lengths),
-    the skipped records as (line, reason), the records kept with an empty key as
-    (line, key, reason), and the bytes read."""
-    kind, records = task
-    tok, keys, splitter = _W["tok"], _W["keys"], _W["splitter"]
-    eod = tok.eod if _W["append_eod"] else None
-    bad: List[Tuple[int, str]] = []
-    kept_empty: List[Tuple[int, str, str]] = []
-    other_keys: set = set()  # keys of records with nothing under --json-keys, for the error
-    texts: Dict[str, list] = {k: [] for k in keys}
-    nbytes = 0
-    for number, raw in records:
-        nbytes += len(raw) if isinstance(raw, (bytes, bytearray)) else 0
-        record, reason = _record(kind, raw)
-        if reason:
-            bad.append((number, reason))
-            continue
+@dataclass
+class _Batch:
+    """One batch's records read and checked: the texts per key, and what was not kept whole."""
+
+    texts: Dict[str, list]
+    bad: List[Tuple[int, str]] = field(default_factory=list)
+    """(line, reason) of the records skipped."""
+    kept_empty: List[Tuple[int, str, str]] = field(default_factory=list)
+    """(line, key, reason) of the keys kept as empty documents."""
+    other_keys: set = field(default_factory=set)
+    """Keys of records with nothing under the JSON keys, for the error naming them."""
+    nbytes: int = 0
+
+
+class BatchTokenizer:
+    """A worker: the tokenizer and sentence splitter it loads, and the batches it tokenises.
+
+    Made in the parent from the options alone; each process that tokenises loads its own copy
+    on its first batch, so only the options cross to a worker process.
+    """
+
+    def __init__(self, options: PreprocessOptions):
+        self.options = options
+        self.tok = None
+        self.splitter = None
+
+    def _load(self) -> None:
+        o = self.options
+        self.tok = load_tokenizer(o.tokenizer_model, o.tokenizer_type)
+        if o.split_sentences:
+            self.splitter = sentence_splitter(o.lang, keep_newlines=o.keep_newlines)
+
+    def serve(self, tasks, results) -> None:
+        """A worker process's loop: numbered tasks in, numbered results (or errors) out."""
+        # Ctrl-C reaches every process of the terminal's group: the parent alone handles it
+        # (stops the workers, says so once); a worker's KeyboardInterrupt would be a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        parent = mp.parent_process().pid
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+        while True:
+            number, task = tasks.get()
+            try:
+                results.put((number, self.process_batch(task), None))
+            except Exception as exc:
+                results.put((number, None, _sendable(exc)))
+
+    def process_batch(self, task):
+        """Tokenise one batch. Returns per key (flat token array, doc lengths, sentence lengths),
+        the skipped records as (line, reason), the records kept with an empty key as
+        (line, key, reason), the bytes read, and the keys of records with no text under any
+        JSON key."""
+        if self.tok is None:
+            self._load()
+        batch = self._read(*task)
+        out = {key: self._encode(texts) for key, texts in batch.texts.items()}
+        return out, batch.bad, batch.kept_empty, batch.nbytes, sorted(batch.other_keys)
+
+    def _read(self, kind: str, records) -> _Batch:
+        batch = _Batch({k: [] for k in self.options.json_keys})
+        for number, raw in records:
+            batch.nbytes += len(raw) if isinstance(raw, (bytes, bytearray)) else 0
+            record, reason = _record(kind, raw)
+            if reason:
+                batch.bad.append((number, reason))
+            else:
+                self._add(batch, number, record)
+        return batch
+
+    def _add(self, batch: _Batch, number: int, record) -> None:
+        """One record's texts into `batch`, or the record into its skipped ones."""
+        keys = self.options.json_keys
         values, empty = [], []
         for key in keys:
             text, reason = _value(record, key)
             if reason and reason not in KEPT_EMPTY:
-                bad.append((number, reason))
-                break
+                batch.bad.append((number, reason))
+                return
             if reason:
                 empty.append((number, key, reason))
             values.append(text)
-        else:
-            if len(empty) == len(keys):  # no text under any key: no document is worth writing
-                bad.append((number, empty[0][2]))
-                if (
-                    isinstance(record, dict)
-                    and empty[0][2] == "missing_key"
-                    and len(other_keys) < 20
-                ):
-                    other_keys.update(str(k) for k in record)
-                continue
-            kept_empty += empty
-            for key, text in zip(keys, values, strict=True):
-                texts[key].append(text)
-    out = {}
-    dtype = token_dtype(tok.vocab_size)
-    for key in keys:
-        # Every document's segments (sentences, or the whole text) are encoded in one call.
+        if len(empty) == len(keys):  # no text under any key: no document is worth writing
+            reason = empty[0][2]
+            batch.bad.append((number, reason))
+            if isinstance(record, dict) and reason == "missing_key" and len(batch.other_keys) < 20:
+                batch.other_keys.update(str(k) for k in record)
+            return
+        batch.kept_empty += empty
+        for key, text in zip(keys, values, strict=True):
+            batch.texts[key].append(text)
+
+    def _segments(self, texts: list) -> Tuple[List[str], List[int]]:
+        """Every document's segments (sentences, or the whole text), and how many each has."""
         segments, counts = [], []
-        for text in texts[key]:
+        for text in texts:
             if text is None:
                 parts = []
             elif isinstance(text, list):  # already split: never split again
                 parts = text
-            elif splitter is None:
+            elif self.splitter is None:
                 parts = [text]
             else:
-                parts = [s for s in splitter(text) if s.strip()] or [text]
+                parts = [s for s in self.splitter(text) if s.strip()] or [text]
             segments += parts
             counts.append(len(parts))
+        return segments, counts
+
+    def _encode(self, texts: list):
+        """(flat token array, doc lengths, sentence lengths or None) of one key's texts."""
+        tok = self.tok
+        eod = tok.eod if self.options.append_eod else None
+        segments, counts = self._segments(texts)
+        # All segments of the batch are encoded in one call.
         pieces = iter(tok.encode_batch(segments) if segments else [])
         encoded, sentence_lengths = [], []
         for count in counts:
@@ -207,10 +301,111 @@ def process_batch(task):
             sentence_lengths.append(lens)
         lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
         flat = np.fromiter(
-            itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum())
+            itertools.chain.from_iterable(encoded),
+            dtype=token_dtype(tok.vocab_size),
+            count=int(lengths.sum()),
         )
-        out[key] = (flat, lengths, sentence_lengths if splitter is not None else None)
-    return out, bad, kept_empty, nbytes, sorted(other_keys)
+        return flat, lengths, sentence_lengths if self.splitter is not None else None
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """A worker's watch: once its parent is gone (killed outright), the worker exits. Its own
+    wait for a task cannot tell: it may be reading a task the parent died half-way through
+    sending, on a pipe the worker itself holds open."""
+    while os.getppid() == parent_pid:
+        time.sleep(POLL_S)
+    os._exit(1)
+
+
+def _sendable(exc: Exception) -> Exception:
+    """`exc`, or its text in a RuntimeError where it does not pickle: a queue drops what it
+    cannot pickle, and the parent would wait for that result forever."""
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+class WorkerPool:
+    """Processes that each run `BatchTokenizer.serve` on their own copy of one worker object.
+
+    Tasks go out numbered on one queue; results come back numbered on another and are handed
+    out in the order the tasks were submitted. Both queues send from a thread, so neither side
+    blocks on a full pipe while the other waits for it. A worker that dies (killed, out of
+    memory) fails the run instead of leaving it waiting for the results it held.
+    """
+
+    def __init__(self, worker: BatchTokenizer, processes: int):
+        # fork: a worker starts without importing the package again; elsewhere fork is unsafe.
+        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+        self._tasks = ctx.Queue()
+        self._tasks.cancel_join_thread()  # tasks left unsent when a run fails are dropped
+        self._results = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=worker.serve, args=(self._tasks, self._results), daemon=True)
+            for _ in range(processes)
+        ]
+        for proc in self._procs:
+            proc.start()
+        self._submitted = 0
+        self._arrived: Dict[int, tuple] = {}
+
+    def submit(self, task) -> Callable[[], tuple]:
+        """Send `task` to the workers; returns what waits for its result and returns it."""
+        number = self._submitted
+        self._tasks.put((number, task))
+        self._submitted += 1
+        return functools.partial(self._result, number)
+
+    def _result(self, number: int) -> tuple:
+        while number not in self._arrived:
+            self._receive()
+        value, error = self._arrived.pop(number)
+        if error is not None:
+            raise error
+        return value
+
+    def _receive(self) -> None:
+        try:
+            number, value, error = self._results.get(timeout=POLL_S)
+        except queue.Empty:
+            dead = [proc.exitcode for proc in self._procs if proc.exitcode is not None]
+            if dead:
+                raise RuntimeError(
+                    f"a tokenising worker process died (exit code {dead[0]}), e.g. out of "
+                    f"memory; run again with fewer --workers"
+                ) from None
+            return
+        self._arrived[number] = (value, error)
+
+    def close(self) -> None:
+        for proc in self._procs:
+            proc.terminate()
+        for proc in self._procs:
+            proc.join()
+
+
+class InlineWorkers:
+    """`WorkerPool`'s interface over one worker in this process (workers=1)."""
+
+    def __init__(self, worker: BatchTokenizer):
+        self.worker = worker
+
+    def submit(self, task) -> Callable[[], tuple]:
+        result = self.worker.process_batch(task)
+        return lambda: result
+
+    def close(self) -> None:
+        """Nothing runs beside this process."""
+
+
+def start_workers(options: PreprocessOptions):
+    """Tokenising worker processes, or this process where `options.workers` is 1."""
+    worker = BatchTokenizer(options)
+    if options.workers > 1:
+        return WorkerPool(worker, options.workers)
+    return InlineWorkers(worker)
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -240,6 +435,43 @@ class Stats:
         self.kept_reported += other.kept_reported[: MAX_REPORTED - len(self.kept_reported)]
         self.other_keys |= other.other_keys
 
+    def add_bad(self, where: str, reason: str, strict: bool) -> None:
+        """A skipped record at `where` (file:line); fatal with `strict`."""
+        self.bad[reason] += 1
+        if strict:
+            raise DanubeConfigError(
+                f"{where}: {reason.replace('_', ' ')} (--strict); fix the record or drop "
+                f"--strict to skip bad records"
+            )
+        if len(self.reported) < MAX_REPORTED:
+            self.reported.append(f"{where}: {reason.replace('_', ' ')}")
+
+    def add_kept_empty(self, where: str, key: str, reason: str) -> None:
+        self.kept_empty[reason] += 1
+        if len(self.kept_reported) < MAX_REPORTED:
+            self.kept_reported.append(f"{where}: {reason.replace('_', ' ')} under {key!r}")
+
+
+@dataclass
+class Result:
+    """What a run did."""
+
+    stats: Stats
+    """Counts over every partition processed."""
+    seconds: float
+    """From the workers' start to the end of the merge."""
+    prefixes: List[str]
+    """The final datasets, one prefix per JSON key (a `partition_index` run writes only its
+    part of them)."""
+
+
+class NoDocumentsWritten(DanubeConfigError):
+    """No record had text under the JSON keys; the run's own empty outputs are removed."""
+
+    def __init__(self, message: str, result: Result):
+        super().__init__(message)
+        self.result = result
+
 
 def _chunks(records, size: int):
     while chunk := list(itertools.islice(records, size)):
@@ -262,8 +494,8 @@ def _batches(pieces: List[Piece], limit: Optional[int] = None):
 def run_partition(
     pieces: List[Piece],
     prefixes: Dict[str, str],
-    args,
-    pool,
+    options: PreprocessOptions,
+    workers,
     progress,
     vocab_size: int,
     limit: Optional[int] = None,
@@ -271,51 +503,20 @@ def run_partition(
     """Tokenise `pieces` (their first `limit` records) into one dataset per JSON key, in input
     order."""
     # Partition outputs of a merged run are intermediate: a killed earlier run's may be replaced.
-    overwrite = args.overwrite or (args.partitions > 1 and args.partition_index is None)
+    overwrite = options.overwrite or (options.partitions > 1 and options.partition_index is None)
     writers = {k: IndexedWriter(p, vocab_size, overwrite=overwrite) for k, p in prefixes.items()}
     stats = Stats()
     try:
         in_flight = deque()
-        window = max(2, 4 * args.workers)
-
-        def drain_one():
-            piece, count, result = in_flight.popleft()
-            out, bad, kept_empty, nbytes, other_keys = result.get() if pool is not None else result
-            stats.other_keys.update(other_keys)
-            stats.records += count
-            stats.bytes += nbytes
-            for number, reason in bad:
-                stats.bad[reason] += 1
-                where = f"{piece.path}:{number}"
-                if args.strict:
-                    raise DanubeConfigError(
-                        f"{where}: {reason.replace('_', ' ')} (--strict); fix the record or drop "
-                        f"--strict to skip bad records"
-                    )
-                if len(stats.reported) < MAX_REPORTED:
-                    stats.reported.append(f"{where}: {reason.replace('_', ' ')}")
-            for number, key, reason in kept_empty:
-                stats.kept_empty[reason] += 1
-                if len(stats.kept_reported) < MAX_REPORTED:
-                    stats.kept_reported.append(
-                        f"{piece.path}:{number}: {reason.replace('_', ' ')} under {key!r}"
-                    )
-            for key, (flat, lengths, sentence_lengths) in out.items():
-                writers[key].add_batch(flat, lengths, sentence_lengths)
-            first = next(iter(out.values()))
-            stats.documents += len(first[1])
-            stats.tokens += int(sum(int(v[1].sum()) for v in out.values()))
-            progress.update(stats)
-
+        window = max(2, 4 * options.workers)
         for piece, count, task in _batches(pieces, limit):
-            if pool is None:
-                in_flight.append((piece, count, process_batch(task)))
-            else:
-                in_flight.append((piece, count, pool.apply_async(process_batch, (task,))))
+            in_flight.append((piece, count, workers.submit(task)))
             while len(in_flight) >= window:
-                drain_one()
+                _write(*in_flight.popleft(), writers, stats, options.strict)
+                progress.update(stats)
         while in_flight:
-            drain_one()
+            _write(*in_flight.popleft(), writers, stats, options.strict)
+            progress.update(stats)
         for w in writers.values():
             w.commit()
     except BaseException:
@@ -323,6 +524,23 @@ def run_partition(
             w.abort()
         raise
     return stats
+
+
+def _write(piece: Piece, count: int, pending, writers, stats: Stats, strict: bool) -> None:
+    """One batch's result, waited for, into the writers and `stats`."""
+    out, bad, kept_empty, nbytes, other_keys = pending()
+    stats.other_keys.update(other_keys)
+    stats.records += count
+    stats.bytes += nbytes
+    for number, reason in bad:
+        stats.add_bad(f"{piece.path}:{number}", reason, strict)
+    for number, key, reason in kept_empty:
+        stats.add_kept_empty(f"{piece.path}:{number}", key, reason)
+    for key, (flat, lengths, sentence_lengths) in out.items():
+        writers[key].add_batch(flat, lengths, sentence_lengths)
+    first = next(iter(out.values()))
+    stats.documents += len(first[1])
+    stats.tokens += int(sum(int(v[1].sum()) for v in out.values()))
 
 
 class Progress:
@@ -382,260 +600,104 @@ class Progress:
             self.bar.close()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="danube-preprocess",
-        description="Tokenise a corpus into Megatron indexed datasets "
-        "(PREFIX_KEY_document.bin/.idx)",
-    )
-    _add_input_arguments(p.add_argument_group("input"))
-    _add_tokenizer_and_output_arguments(p)
-    _add_runtime_arguments(p.add_argument_group("runtime"))
-    return p
-
-
-def _add_input_arguments(g) -> None:
-    g.add_argument(
-        "--input",
-        required=True,
-        nargs="+",
-        help="JSONL (.jsonl, .gz, .zst), parquet or text files, directories or globs",
-    )
-    g.add_argument(
-        "--json-keys",
-        nargs="+",
-        default=["text"],
-        help="keys to extract (default: text), one output each. A value is a string, or a list "
-        "of strings taken "
-        "as the document's sentences (Megatron-LM's pre-split format; with "
-        "--split-sentences each item is one sentence, without it the items' tokens are "
-        "concatenated into one document). With several keys the outputs stay aligned, "
-        "one document per record in each: a key that is empty or missing gets an empty "
-        "document (one empty item; just the EOD with --append-eod), reported as a warning; "
-        "a record with no text under any key is skipped. (Megatron-LM writes an empty key "
-        "as a document of no items, without EOD, and stops at a missing key.) With one "
-        "key, unlike Megatron-LM, empty records are skipped and reported: there is nothing "
-        "to keep aligned, an empty document has no text to train on, and as an item "
-        "GPTDataset would count and shuffle it like any document (a lone EOD with "
-        "--append-eod)",
-    )
-    g.add_argument(
-        "--split-sentences", action="store_true", help="store sentences as items (nltk punkt)"
-    )
-    g.add_argument(
-        "--keep-newlines",
-        action="store_true",
-        help="with --split-sentences, keep the newlines (all whitespace) between "
-        "sentences, each with the sentence before it, as Megatron-LM does; "
-        "without --split-sentences documents are tokenised whole, newlines "
-        "included, either way",
-    )
-    g.add_argument("--lang", default="english", help="punkt language for --split-sentences")
-    g.add_argument(
-        "--max-documents",
-        type=int,
-        default=None,
-        metavar="N",
-        help="read only the first N input records (JSONL/text lines, parquet rows) "
-        "of the whole input, in order, then stop; bad records, blank lines "
-        "included, count as read and are skipped, so fewer than N documents may "
-        "be written. Default: all. Not with --partition-index",
-    )
-
-
-def _add_tokenizer_and_output_arguments(p) -> None:
-    g = p.add_argument_group("tokenizer")
-    g.add_argument(
-        "--tokenizer-model",
-        required=True,
-        help="SentencePiece .model, HF tokenizer directory, or mistral-v1",
-    )
-    g.add_argument(
-        "--tokenizer-type",
-        default=None,
-        help="SentencePieceTokenizer or HuggingFaceTokenizer (default: inferred)",
-    )
-    g.add_argument(
-        "--append-eod", action="store_true", help="append the EOS token to each document"
-    )
-    g = p.add_argument_group("output")
-    g.add_argument("--output-prefix", required=True, help="writes PREFIX_KEY_document.bin/.idx")
-    g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-
-
-def _add_runtime_arguments(g) -> None:
-    g.add_argument(
-        "--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="tokeniser processes"
-    )
-    g.add_argument(
-        "--partitions",
-        type=int,
-        default=1,
-        help="split the input into K parts (files or line ranges) processed one by one",
-    )
-    g.add_argument(
-        "--partition-index",
-        type=int,
-        default=None,
-        help="process only this partition (SLURM arrays: $SLURM_ARRAY_TASK_ID); no merge",
-    )
-    g.add_argument(
-        "--keep-partitions", action="store_true", help="keep per-partition outputs after merging"
-    )
-    g.add_argument(
-        "--keep-sequential-samples",
-        action="store_true",
-        help="accepted for Megatron-LM compatibility: output is always in input order, "
-        "since partitions are consecutive runs of the input merged in order "
-        "(Megatron-LM deals lines round-robin to partitions without this flag)",
-    )
-    g.add_argument(
-        "--strict",
-        action="store_true",
-        help="stop at the first record that would be skipped (an empty key kept as an "
-        "empty document beside other keys is a warning, not an error)",
-    )
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument(
-        "--log-interval",
-        type=int,
-        default=None,
-        metavar="N",
-        help="log documents written, tokens, elapsed time, docs/s and MB/s to stderr "
-        f"each time the document count passes a multiple of N (checked per "
-        f"batch of {BATCH_LINES} records). Default: off; the progress bar shows "
-        f"the same on a terminal (Megatron-LM's default is 1000)",
-    )
-
-
 def output_prefix(base: str, key: str, level: str, partition: Optional[int] = None) -> str:
     part = f"_part{partition:03d}" if partition is not None else ""
     return f"{base}{part}_{key}_{level}"
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    # Progress and warnings go to stderr, where Megatron-LM prints them, unless the caller has
-    # set up logging; only this module's INFO lines, not megatron-core's, are let through.
-    logging.basicConfig(stream=sys.stderr, format="preprocess: %(message)s")
-    logger.setLevel(logging.INFO)
-    try:
-        return _main(args)
-    except DanubeConfigError as exc:
-        _say(f"danube-preprocess: error: {exc}")
-        return 2
-    except ModuleNotFoundError as exc:
-        if missing_extra_message(exc) is None:
-            raise
-        _say(f"danube-preprocess: error: {missing_extra_message(exc)}")
-        return 2
-    except KeyboardInterrupt:
-        _say("danube-preprocess: interrupted; no output was written")
-        return 130
-
-
-def _check_args(args):
+def check_options(options: PreprocessOptions):
     """Everything cheap, before any work starts: (tokenizer, files, level, final prefixes)."""
-    if args.workers < 1:
-        raise DanubeConfigError(f"--workers must be >= 1, got {args.workers}")
-    if args.partitions < 1:
-        raise DanubeConfigError(f"--partitions must be >= 1, got {args.partitions}")
-    if args.partition_index is not None and not 0 <= args.partition_index < args.partitions:
+    o = options
+    if o.workers < 1:
+        raise DanubeConfigError(f"--workers must be >= 1, got {o.workers}")
+    if o.partitions < 1:
+        raise DanubeConfigError(f"--partitions must be >= 1, got {o.partitions}")
+    if o.partition_index is not None and not 0 <= o.partition_index < o.partitions:
         raise DanubeConfigError(
-            f"--partition-index {args.partition_index} is outside 0..{args.partitions - 1}"
+            f"--partition-index {o.partition_index} is outside 0..{o.partitions - 1}"
         )
-    if args.max_documents is not None and args.max_documents < 1:
-        raise DanubeConfigError(f"--max-documents must be >= 1, got {args.max_documents}")
-    if args.max_documents is not None and args.partition_index is not None:
+    if o.max_documents is not None and o.max_documents < 1:
+        raise DanubeConfigError(f"--max-documents must be >= 1, got {o.max_documents}")
+    if o.max_documents is not None and o.partition_index is not None:
         raise DanubeConfigError(
             "--max-documents counts from the start of the whole input, which one "
             "--partition-index does not read; drop --partition-index or cut the input first"
         )
-    if args.log_interval is not None and args.log_interval < 1:
-        raise DanubeConfigError(f"--log-interval must be >= 1, got {args.log_interval}")
-    tok = load_tokenizer(args.tokenizer_model, args.tokenizer_type)
-    files = expand_inputs(args.input)
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    if o.log_interval is not None and o.log_interval < 1:
+        raise DanubeConfigError(f"--log-interval must be >= 1, got {o.log_interval}")
+    tok = load_tokenizer(o.tokenizer_model, o.tokenizer_type)
+    files = expand_inputs(o.input)
+    return (tok, files, *_check_outputs(o))
+
+
+def _check_outputs(options: PreprocessOptions):
+    """(level, final prefixes), once the output directory and the splitter are known good."""
+    out_dir = os.path.dirname(os.path.abspath(options.output_prefix))
     if not os.path.isdir(out_dir):
         raise DanubeConfigError(f"--output-prefix: directory {out_dir} does not exist; create it")
-    level = "sentence" if args.split_sentences else "document"
-    finals = {k: output_prefix(args.output_prefix, k, level) for k in args.json_keys}
-    if args.partition_index is None and not args.overwrite:
+    level = "sentence" if options.split_sentences else "document"
+    finals = {k: output_prefix(options.output_prefix, k, level) for k in options.json_keys}
+    if options.partition_index is None and not options.overwrite:
         for prefix in finals.values():
             if dataset_exists(prefix):
                 raise DanubeConfigError(
                     f"{prefix}.bin/.idx already exist; pass --overwrite or "
                     f"choose another --output-prefix"
                 )
-    if args.split_sentences:
-        sentence_splitter(args.lang, quiet=False)
-    return tok, files, level, finals
+    if options.split_sentences:
+        sentence_splitter(options.lang, quiet=False)
+    return level, finals
 
 
-def _start_workers(args):
-    """A pool of tokenising workers, or None where this process tokenises itself."""
-    init = (
-        args.tokenizer_model,
-        args.tokenizer_type,
-        args.json_keys,
-        args.split_sentences,
-        args.lang,
-        args.append_eod,
-        args.keep_newlines,
-    )
-    if args.workers > 1:
-        return mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            args.workers, initializer=_init_worker, initargs=init
-        )
-    _init_worker(*init)
-    return None
-
-
-def _main(args) -> int:
-    tok, files, level, finals = _check_args(args)
-    partitions = make_partitions(files, args.partitions)
-    todo = range(args.partitions) if args.partition_index is None else [args.partition_index]
+def preprocess(options: PreprocessOptions) -> Result:
+    """Check the options, tokenise the partitions asked for and merge them. Bad options or
+    input raise DanubeConfigError (NoDocumentsWritten, with the result, when no record had
+    text); nothing is left behind that looks like a finished dataset."""
+    tok, files, level, finals = check_options(options)
     totals = Stats()
     progress = Progress(
         sum(os.path.getsize(f) for f in files),
-        enabled=not args.no_progress and sys.stderr.isatty(),
-        log_interval=args.log_interval,
+        enabled=options.progress and sys.stderr.isatty(),
+        log_interval=options.log_interval,
         done=totals,
     )
-    pool = _start_workers(args)
+    workers = start_workers(options)
     t0 = time.perf_counter()
-    done = []
     try:
-        for index in todo:
-            # Partitions run one after another, so --max-documents carries over from one to
-            # the next; once it is reached the rest of the input is not read at all.
-            limit = None if args.max_documents is None else args.max_documents - totals.records
-            if limit == 0:
-                break
-            prefixes = finals
-            if args.partitions > 1:
-                prefixes = {
-                    k: output_prefix(args.output_prefix, k, level, index) for k in args.json_keys
-                }
-            run = run_partition(
-                partitions[index], prefixes, args, pool, progress, tok.vocab_size, limit
-            )
-            totals.add(run)
-            done.append(index)
+        done = _run_partitions(options, files, level, tok.vocab_size, workers, progress, totals)
     finally:
         progress.close()
-        if pool is not None:
-            pool.terminate()
-    if args.partitions > 1 and args.partition_index is None:
-        merge_partitions(args, finals, level, tok.vocab_size, done)
-    _summarize(args, totals, time.perf_counter() - t0, finals)
-    if totals.documents == 0 and args.partition_index is None:
+        workers.close()
+    if options.partitions > 1 and options.partition_index is None:
+        merge_partitions(options, finals, level, tok.vocab_size, done)
+    result = Result(totals, time.perf_counter() - t0, list(finals.values()))
+    if totals.documents == 0 and options.partition_index is None:
         for prefix in finals.values():  # this run's own empty output: nothing to keep
             for ext in (".bin", ".idx"):
                 if os.path.exists(prefix + ext):
                     os.remove(prefix + ext)
-        raise DanubeConfigError(no_documents_message(args.json_keys, totals))
-    return 0
+        raise NoDocumentsWritten(no_documents_message(options.json_keys, totals), result)
+    return result
+
+
+def _run_partitions(options, files, level, vocab_size, workers, progress, totals) -> List[int]:
+    """Tokenise the partitions in turn into `totals`; the indices of those done."""
+    o = options
+    partitions = make_partitions(files, o.partitions)
+    done = []
+    for index in range(o.partitions) if o.partition_index is None else [o.partition_index]:
+        # Partitions run one after another, so --max-documents carries over from one to
+        # the next; once it is reached the rest of the input is not read at all.
+        limit = None if o.max_documents is None else o.max_documents - totals.records
+        if limit == 0:
+            break
+        part = index if o.partitions > 1 else None
+        prefixes = {k: output_prefix(o.output_prefix, k, level, part) for k in o.json_keys}
+        totals.add(
+            run_partition(partitions[index], prefixes, o, workers, progress, vocab_size, limit)
+        )
+        done.append(index)
+    return done
 
 
 def no_documents_message(json_keys: List[str], totals: Stats) -> str:
@@ -656,53 +718,13 @@ def no_documents_message(json_keys: List[str], totals: Stats) -> str:
     )
 
 
-def _say(line: str) -> None:
-    """The tool's summary: its result, on stderr as Megatron-LM's tool writes it."""
-    sys.stderr.write(line + "\n")
-
-
-def _summarize(args, totals, dt: float, finals) -> None:
-    if args.max_documents is not None and totals.records == args.max_documents:
-        logger.info(
-            "stopped after the first %s input records (--max-documents)", f"{totals.records:,}"
-        )
-    _say(
-        f"preprocess: {totals.documents:,} documents, {totals.tokens:,} tokens, "
-        f"{totals.bytes / 1e6:.1f} MB in {dt:.1f} s "
-        f"({totals.tokens / max(dt, 1e-9):,.0f} tokens/s, {args.workers} workers)"
-    )
-    if totals.bad:
-        summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(totals.bad.items()))
-        _say(f"preprocess: skipped {sum(totals.bad.values())} bad records ({summary}); first:")
-        for line in totals.reported:
-            _say(f"  {line}")
-    if totals.kept_empty:
-        summary = ", ".join(
-            f"{n} {k.replace('_', ' ')}" for k, n in sorted(totals.kept_empty.items())
-        )
-        logger.warning(
-            "kept %d records whose key was empty or missing as an empty document in "
-            "that key's output, so that all outputs stay aligned (%s); first:\n%s",
-            sum(totals.kept_empty.values()),
-            summary,
-            "\n".join(f"  {line}" for line in totals.kept_reported),
-        )
-    if args.partition_index is None and totals.documents:
-        for prefix in finals.values():
-            _say(f"wrote {prefix}.bin/.idx")
-
-
-def merge_partitions(args, finals, level, vocab_size, indices: List[int]) -> None:
+def merge_partitions(options, finals, level, vocab_size, indices: List[int]) -> None:
     for key, final in finals.items():
-        parts = [output_prefix(args.output_prefix, key, level, i) for i in indices]
-        with IndexedWriter(final, vocab_size, overwrite=args.overwrite) as writer:
+        parts = [output_prefix(options.output_prefix, key, level, i) for i in indices]
+        with IndexedWriter(final, vocab_size, overwrite=options.overwrite) as writer:
             for part in parts:
                 writer.add_prefix(part)
-        if not args.keep_partitions:
+        if not options.keep_partitions:
             for part in parts:
                 for ext in (".bin", ".idx"):
                     os.remove(part + ext)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

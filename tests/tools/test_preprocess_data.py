@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_danube.cli.preprocess import main as preprocess
 from megatron_danube.data.demo_corpus import pydoc_paragraphs
-from megatron_danube.data.preprocess import main as preprocess
 from megatron_danube.data.tokenizer import load_tokenizer
 from tests.conftest import REPO
 
@@ -250,8 +250,6 @@ def test_interrupted_run_leaves_no_complete_looking_output(tmp_path, docs):
 def test_split_sentences_falls_back_to_untrained_punkt(tmp_path, caplog, monkeypatch, tok):
     import nltk.tokenize.punkt as punkt
 
-    import megatron_danube.data.preprocess as preprocess_module
-
     def no_punkt_data(lang):  # as where the trained punkt data is not installed
         raise LookupError(f"punkt_tab for {lang} not found")
 
@@ -265,7 +263,6 @@ def test_split_sentences_falls_back_to_untrained_punkt(tmp_path, caplog, monkeyp
 
     monkeypatch.setattr(punkt, "PunktTokenizer", no_punkt_data)
     monkeypatch.setattr(punkt, "PunktSentenceTokenizer", Untrained)
-    monkeypatch.setattr(preprocess_module, "_SPLITTER_WARNED", False)
     text = "Mr. Smith went to Washington. He arrived at noon! Did he stay? Yes."
     src = write_jsonl(tmp_path / "in.jsonl", [text])
     assert (
