@@ -10,9 +10,10 @@ What moved, by the release that moved it (each was hit by this package's tests):
   default "nvrx", which needs the separate nvidia-resiliency-ext package; megatron's own
   writer is "mcore", the only one 0.16 has. The writer's results-queue helper lost its
   underscore (`get_write_results_queue`), and the signal-immune start of that helper
-  (training/checkpointing.py) has to call it by its new name.
-* 0.18: `OptimizerConfig.grad_norm_skip_threshold` defaults to inf; the config loader accepts
-  a field's own infinite default.
+  (training/checkpoint_writer.py) has to call it by its new name.
+* 0.18: `OptimizerConfig` gains `grad_norm_skip_threshold` (default inf; the config loader
+  accepts a field's own infinite default). On older releases the key is unknown, and the
+  loader's error names the release (`key_added_in`).
 * 0.19: the checkpoint's common (non-tensor) state is stored inside the torch_dist shards
   instead of `common.pt`, which 0.16 to 0.18 need to load anything: saves here add the
   `common.pt` those releases read (0.19 reads either). Saved optimizer parameter groups are
@@ -42,6 +43,16 @@ OLDEST: Version = (0, 16, 1)
 NEWEST_MINOR: Tuple[int, int] = (0, 19)
 """The newest release line supported (and tested, at its newest patch release)."""
 PIN = "megatron-core>=0.16.1,<0.20"
+
+# Config keys that come from megatron-core's own dataclasses and appeared after the oldest
+# supported release: on an older install they are unknown, and the error says which release.
+NEWER_CONFIG_KEYS = {"optim.grad_norm_skip_threshold": "0.18"}
+
+
+def key_added_in(key: str) -> Optional[str]:
+    """The megatron-core release that added config `key`, where it is a newer one."""
+    return NEWER_CONFIG_KEYS.get(key)
+
 
 # The parameter-group keys megatron 0.16 matches saved groups by; later releases add the
 # per-group schedule overrides (max_lr, min_lr, ...) to these.
@@ -89,17 +100,45 @@ class Features:
     """Loading a checkpoint needs its common.pt."""
     grad_sync_uses_cuda_stream: bool
     """The gradient sync calls torch.cuda.current_stream() whatever the configuration."""
+    # The optimizer-state behaviours that training/optimizer_state_repairs.py works around,
+    # one flag per repair (each found with torch's Adam/SGD, i.e. without TE or apex).
+    load_shares_adam_step: bool
+    """After DistributedOptimizer.load_state_dict, torch's Adam can hold one `step` tensor
+    shared by all parameters: each param's update advances it, so bias correction is wrong."""
+    reshardable_load_lacks_param_step: bool
+    """DistributedOptimizer, loading the fully-reshardable format with torch's Adam, fails
+    copying the parameter state (`KeyError: 'step'`: the format stores no per-param step)."""
+    fresh_dist_optimizer_has_no_state: bool
+    """A DistributedOptimizer that never stepped has no Adam state to load into: megatron makes
+    one (dummy values) only for the FSDP format (else `assert len(steps) == 1`)."""
+    empty_optimizer_state_unsaveable: bool
+    """DistributedOptimizer cannot describe an empty state for a save (`assert len(steps) ==
+    1`), which a run whose every step so far was skipped still has."""
+    sgd_has_no_state_initialiser: bool
+    """megatron's SGD optimizers get no `init_state_fn` (None), which loading their
+    checkpoint calls."""
+    drops_zero_adam_step: bool
+    """The non-distributed optimizer saves Adam's shared step only when truthy (`if step:`):
+    a state saved at step 0 comes back without one, and torch's Adam fails (`KeyError`)."""
 
 
 def features_for(version: Version) -> Features:
     """The feature flags of a megatron-core version (the one mapping from version to code)."""
-    v17, v19 = version >= (0, 17, 0), version >= (0, 19, 0)
+    v16, v17, v19 = version >= (0, 16, 0), version >= (0, 17, 0), version >= (0, 19, 0)
     return Features(
         save_async_strategy="mcore" if v17 else None,
         writer_queue_helper="get_write_results_queue" if v17 else "_get_write_results_queue",
         common_state_in_shards=v19,
         reads_common_file=not v19,
         grad_sync_uses_cuda_stream=v19,
+        # Found on 0.16.1; no later supported release is known to have changed them, and
+        # each repair is harmless where its behaviour is absent: on from 0.16 on.
+        load_shares_adam_step=v16,
+        reshardable_load_lacks_param_step=v16,
+        fresh_dist_optimizer_has_no_state=v16,
+        empty_optimizer_state_unsaveable=v16,
+        sgd_has_no_state_initialiser=v16,
+        drops_zero_adam_step=v16,
     )
 
 

@@ -50,9 +50,9 @@ KNOWN_RECORDS = (
     # 0.18+ DDP computes the distributed optimizer's buffer layout itself when not given one.
     (r"megatron\.core\.distributed\..*", r"full_param_layout not provided"),
     # 0.17+ prefers nvidia-resiliency-ext's writer; megatron's own is chosen on purpose
-    # (runtime/compat.py): it needs no extra package.
+    # (compat.py): it needs no extra package.
     (r"megatron\.core\.dist_checkpointing\..*", r"MCore's async save is deprecated"),
-    # 0.19 reads the common.pt that saves add for 0.16 to 0.18 (runtime/compat.py) and says
+    # 0.19 reads the common.pt that saves add for 0.16 to 0.18 (compat.py) and says
     # that file is deprecated: it holds the same data as the shards.
     (r"megatron\.core\.dist_checkpointing\..*", r"load_common is deprecated"),
 )

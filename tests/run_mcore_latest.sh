@@ -60,7 +60,7 @@ import sys
 
 import torch
 
-from megatron_danube.runtime import compat
+from megatron_danube import compat
 
 logging.basicConfig(level=logging.INFO, format="mcore-latest: %(message)s")
 logging.info(

@@ -15,13 +15,13 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_danube import compat
 from megatron_danube.convert.checkpoint_io import build_local_model
 from megatron_danube.convert.hf_export import prepare_output
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.config_builder import DTYPES
-from megatron_danube.runtime import compat
 from megatron_danube.training import manifest
-from megatron_danube.training.checkpointing import STATE_FILE
+from megatron_danube.training.checkpoint_format import STATE_FILE
 
 
 def read_hf_weights(hf_dir: str) -> Dict[str, torch.Tensor]:

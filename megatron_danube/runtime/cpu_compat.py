@@ -171,7 +171,7 @@ def apply() -> None:
             "applied next to a GPU; use train.device=auto or cuda"
         )
 
-    from megatron_danube.runtime.compat import FEATURES
+    from megatron_danube.compat import FEATURES
 
     _proxy_megatron_modules(_TorchProxy(cpu_streams=FEATURES.grad_sync_uses_cuda_stream))
     # Global, but only meaningful for megatron's CUDA-type assertions (see the module doc).

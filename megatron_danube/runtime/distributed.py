@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_danube import compat
 from megatron_danube.config import ParallelLayout
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.layer_specs import resolve_spec
 from megatron_danube.models.presets import DanubeModelConfig
 from megatron_danube.models.te_support import check_fp8
-from megatron_danube.runtime import compat
 from megatron_danube.runtime.layout import validate_layout
 
 

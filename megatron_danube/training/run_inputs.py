@@ -63,7 +63,7 @@ def run_inputs(
 def peek_train_state(path: str) -> Optional[dict]:
     """The train state of the checkpoint `path` names (itself, or a run dir's `latest`), read
     without verifying anything; None where there is none to read (the load reports why)."""
-    from megatron_danube.training.checkpointing import STATE_FILE, read_pointer
+    from megatron_danube.training.checkpoint_format import STATE_FILE, read_pointer
 
     candidates = [path]
     for folder in (os.path.join(path, "checkpoints"), path):

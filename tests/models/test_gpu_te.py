@@ -403,7 +403,8 @@ def test_te_fp8_pretraining_checkpoint_exports_to_hf_with_matching_logits(tmp_pa
     from transformers import MistralForCausalLM
 
     from megatron_danube.config import CheckpointSection
-    from megatron_danube.training.checkpointing import CheckpointManager, resolve_checkpoint
+    from megatron_danube.training.checkpoint_format import resolve_checkpoint
+    from megatron_danube.training.checkpointing import CheckpointManager
 
     tokenizer = os.environ.get("DANUBE_TEST_TOKENIZER")
     if not tokenizer:

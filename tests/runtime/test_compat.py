@@ -1,4 +1,4 @@
-"""runtime/compat.py: the version -> behaviour mapping, checked against the installed release.
+"""compat.py: the version -> behaviour mapping, checked against the installed release.
 
 The table tests pin the mapping for each supported release line; the `installed_*` tests fail
 when the installed megatron-core does not behave as its flags say (a new release moved
@@ -15,13 +15,13 @@ from importlib import metadata
 import pytest
 import torch
 
+from megatron_danube import compat
 from megatron_danube.config import CheckpointSection, OptimSection, ParallelLayout
 from megatron_danube.config.loader import from_dict, to_dict
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.builder import build_model_chunks
 from megatron_danube.models.config_builder import build_transformer_config
 from megatron_danube.models.presets import get_preset
-from megatron_danube.runtime import compat
 from megatron_danube.training.checkpointing import CheckpointManager
 from megatron_danube.training.optim import make_optimizer
 from megatron_danube.training.step import causal_lm_batch, train_step, wrap_with_ddp

@@ -21,7 +21,7 @@ from tests.training.conftest import run_pretrain, train_losses
 pytestmark = pytest.mark.slow  # launches training processes under two interpreters
 
 OTHER_ENV = "DANUBE_OTHER_PYTHON"
-PROBE = "from megatron_danube.runtime import compat; print(compat.MCORE_VERSION_STRING)"
+PROBE = "from megatron_danube import compat; print(compat.MCORE_VERSION_STRING)"
 
 
 def mcore_version_of(python: str):
@@ -56,7 +56,7 @@ def _candidates():
 @pytest.fixture(scope="module")
 def other_python():
     """(path, megatron-core version) of an interpreter with another release line."""
-    from megatron_danube.runtime import compat
+    from megatron_danube import compat
 
     own = compat.MCORE_VERSION_STRING
     tried = []

@@ -214,7 +214,7 @@ def test_a_save_that_cannot_fit_is_refused_before_writing(single_rank, tmp_path,
 def test_a_failed_write_leaves_no_partial_and_keeps_latest(single_rank, tmp_path, monkeypatch):
     import errno
 
-    from megatron_danube.training import checkpointing
+    from megatron.core import dist_checkpointing
 
     chunks, opt = _build(0)
     _step(chunks, opt, 0)
@@ -224,7 +224,7 @@ def test_a_failed_write_leaves_no_partial_and_keeps_latest(single_rank, tmp_path
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", disk_full)
+    monkeypatch.setattr(dist_checkpointing, "save", disk_full)
     with pytest.raises(DanubeConfigError, match="No space left on device") as e:
         manager.save(2, chunks, opt, {"iteration": 2, "consumed_tokens": 64})
     assert "\n" not in str(e.value) and "the previous checkpoint is intact" in str(e.value)
