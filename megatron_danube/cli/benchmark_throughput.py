@@ -112,27 +112,22 @@ def random_tokens(vocab: int, seq: int, mbs: int, device) -> torch.Tensor:
 def megatron_runner(model_cfg, spec: str, params_dtype: str, fp8: Optional[str]):
     """The plugin's model, DDP and distributed optimizer, built once; returns make_step."""
     from megatron_danube.config import OptimSection, ParallelLayout, PrecisionConfig
-    from megatron_danube.models.builder import build_model_chunks
-    from megatron_danube.models.config_builder import build_transformer_config
     from megatron_danube.runtime.distributed import initialize
-    from megatron_danube.training.optim import make_optimizer
-    from megatron_danube.training.step import causal_lm_batch, train_step, wrap_with_ddp
+    from megatron_danube.training.model_build import build_model, wrap_for_training
+    from megatron_danube.training.step import causal_lm_batch, train_step
 
     layout = ParallelLayout()
     rt = initialize(model_cfg, layout, spec=spec)
-    config = build_transformer_config(
+    config, chunks = build_model(
         model_cfg,
-        layout,
+        layout=layout,
         spec=rt.spec,
-        device_type=rt.device.type,
+        device=rt.device,
         precision=PrecisionConfig(params_dtype=params_dtype, fp8=fp8),
     )
-    chunks = wrap_with_ddp(
-        build_model_chunks(model_cfg, config, rt.spec, rt.device),
-        config,
-        use_distributed_optimizer=True,
-    )
-    optimizer = make_optimizer(OptimSection(lr=1e-4), chunks, config)
+    # The trainer's DDP and distributed optimizer; the LR schedule is not stepped here.
+    model = wrap_for_training(config, chunks, OptimSection(lr=1e-4), total_tokens=1)
+    chunks, optimizer = model.chunks, model.optimizer
 
     def make_step(seq: int, mbs: int):
         batch = causal_lm_batch(random_tokens(model_cfg.vocab_size, seq, mbs, rt.device))

@@ -20,11 +20,15 @@ def run_command(
     add_arguments: Callable[[argparse.ArgumentParser], None],
     body: Callable[[argparse.Namespace], int],
     argv: Optional[Sequence[str]] = None,
+    logging_setup: Optional[Callable[[], None]] = None,
 ) -> int:
-    """Parse arguments, run `body`, turn known failures into one line on stderr and exit 2."""
+    """Parse arguments, run `body`, turn known failures into one line on stderr and exit 2.
+
+    `logging_setup` replaces the package's logging (`logs.setup_logging`) for a command whose
+    log lines keep another tool's format (danube-preprocess writes Megatron-LM's)."""
     from megatron_danube.logs import setup_logging
 
-    setup_logging()
+    (logging_setup or setup_logging)()
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -47,6 +51,15 @@ def cpu_only_process() -> None:
     import os
 
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def weights_only_loads() -> None:
+    """Every `torch.load` megatron does on our checkpoints is weights-only: no pickled code
+    in a checkpoint runs. Called first thing by the commands that read checkpoints (torch
+    reads the variable at each load); a value the user set is kept."""
+    import os
+
+    os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
 
 def fail(prog: str, message: str) -> int:
@@ -87,37 +100,3 @@ def report(text: str = "") -> None:
     """A command's result (a table, a summary) goes to stdout; diagnostics go to logging."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
-
-
-def run_training(prog: str, description: str, build: Callable, argv=None) -> int:
-    """danube-pretrain and danube-finetune: stop signals first, then config, job and trainer.
-
-    `build(cfg)` checks that the config is this command's job and returns (job, model config).
-    """
-    from megatron_danube.runtime.stop import StopRequest
-
-    stop = StopRequest()  # first, before torch loads, so a signal during start-up is not lost
-
-    def add_arguments(parser) -> None:
-        parser.add_argument(
-            "--config",
-            metavar="FILE.yaml",
-            help="the run config, e.g. examples/configs/danube-tiny-cpu.yaml (required unless "
-            "every setting comes as key=value)",
-        )
-        parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-
-    def body(args) -> int:
-        from megatron_danube.config import load_config
-        from megatron_danube.training import trainer
-
-        if args.config is None and not args.overrides:
-            raise DanubeConfigError(
-                "no --config given; pass --config FILE.yaml (examples/configs has one per "
-                "recipe, e.g. examples/configs/danube-tiny-cpu.yaml)"
-            )
-        cfg = load_config(args.config, args.overrides)
-        job, model_cfg = build(cfg)
-        return trainer.run(cfg, job, model_cfg, stop)
-
-    return run_command(prog, description, add_arguments, body, argv)

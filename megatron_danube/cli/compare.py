@@ -3,10 +3,9 @@ print max abs logit difference, top-1 agreement and KL divergence."""
 
 from __future__ import annotations
 
-import os
 import sys
 
-from megatron_danube.cli.common import cpu_only_process, run_command, summary
+from megatron_danube.cli.common import cpu_only_process, run_command, summary, weights_only_loads
 
 
 def add_arguments(p) -> None:
@@ -33,7 +32,7 @@ def run(args) -> int:
 
 def command(argv=None) -> int:
     """Run with these arguments; the exit code (2 for bad input)."""
-    os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    weights_only_loads()
     return run_command("danube-compare", summary(__doc__), add_arguments, run, argv)
 
 

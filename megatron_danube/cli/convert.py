@@ -9,10 +9,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
-from megatron_danube.cli.common import cpu_only_process, run_command, summary
+from megatron_danube.cli.common import cpu_only_process, run_command, summary, weights_only_loads
 
 logger = logging.getLogger("danube-convert")
 
@@ -80,7 +79,7 @@ def convert(args) -> int:
 
 def command(argv=None) -> int:
     """Run with these arguments; the exit code (2 for bad input)."""
-    os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    weights_only_loads()
     return run_command("danube-convert", summary(__doc__), add_arguments, convert, argv)
 
 

@@ -8,7 +8,8 @@ Takes torchrun's arguments unchanged. It differs from torchrun in two ways:
 * Stop signals: torchrun answers SIGTERM (and Ctrl-C) by raising in the launcher, tearing the
   workers down and exiting 1; SIGUSR1 kills it outright. Here SIGTERM, SIGINT and SIGUSR1 are
   passed on to the workers, which save at the next step boundary and exit 0, so the launcher
-  exits 0 too. A second SIGINT or SIGTERM falls back to torchrun's own handling (tear down now).
+  exits 0 too. A second SIGINT or SIGTERM tears the workers down now (torchrun's handling) and
+  exits 128 + the signal's number, without a traceback.
 * Bad input: when the workers stopped on a one-line error (some exited 2, rank 0 printed the
   line, the rest exited 2 too or were torn down), the launcher exits 2 without torchrun's
   failure report and traceback.
@@ -70,6 +71,9 @@ def main(argv=None) -> None:
         if stopped_on_bad_input(exc.failures.values()):
             sys.exit(BAD_INPUT_EXIT)  # the workers' one-line error says it all
         raise
+    except api.SignalException as exc:  # a stop signal sent twice: torn down, as asked
+        logger.warning("%s received twice: the workers were stopped now", exc.sigval.name)
+        sys.exit(128 + int(exc.sigval))  # the shell's convention for "ended by a signal"
     sys.exit(0)
 
 

@@ -20,16 +20,15 @@ from megatron_danube.errors import DanubeConfigError
 _SCALARS = (bool, int, float, str)
 
 
-# Keys that megatron-core's own dataclasses gained in a later release than the oldest one
-# supported: unknown on an older install, which the error then says.
-NEWER_MEGATRON_KEYS = {"optim.grad_norm_skip_threshold": "0.18"}
-
-
 def unknown_key(full: str, known) -> DanubeConfigError:
-    """'unknown config key' with the closest known keys, or all of them when there are few."""
-    if full in NEWER_MEGATRON_KEYS:
+    """'unknown config key' with the closest known keys, or all of them when there are few;
+    a key of a newer megatron-core (compat.py knows which) names the release."""
+    from megatron_danube.compat import key_added_in
+
+    release = key_added_in(full)
+    if release:
         return DanubeConfigError(
-            f"config key {full!r} needs megatron-core {NEWER_MEGATRON_KEYS[full]} or newer; "
+            f"config key {full!r} needs megatron-core {release} or newer; "
             f"upgrade megatron-core or remove the key"
         )
     section, _, name = full.rpartition(".")
@@ -139,7 +138,7 @@ def settable_fields(cls) -> Dict[str, Any]:
 def _infinite_defaults(cls) -> Dict[str, float]:
     """Fields whose default is an infinite float, which then means "off".
 
-    Numbers are otherwise refused when not finite, but megatron-core 0.17+ gives
+    Numbers are otherwise refused when not finite, but megatron-core 0.18+ gives
     OptimizerConfig such a default (`grad_norm_skip_threshold=inf`); writing it back (the
     defaults, the resolved config.yaml) must stay possible.
     """
@@ -310,26 +309,12 @@ def check_values(cfg: RunConfig) -> None:
     for i, stage in enumerate(cfg.stages):
         _require(stage.seq_length > 0, f"stages[{i}].seq_length must be > 0")
         _require(stage.start_tokens >= 0, f"stages[{i}].start_tokens must be >= 0")
-    check_chat_values(cfg)
+    # The chat and DPO settings are checked by the jobs that read them (training/jobs/sft.py).
 
 
-def check_chat_values(cfg: RunConfig) -> None:
-    chat = cfg.chat
-    _require(chat.seq_length > 0, f"chat.seq_length={chat.seq_length}; it must be > 0")
-    _require(chat.epochs >= 1, f"chat.epochs={chat.epochs}; it must be >= 1")
-    _require(
-        0 <= chat.valid_fraction < 1,
-        f"chat.valid_fraction={chat.valid_fraction}; it must be in [0, 1)",
-    )
-    dpo = cfg.dpo
-    _require(dpo.beta > 0, f"dpo.beta={dpo.beta}; it must be > 0")
-    _require(
-        0 <= dpo.label_smoothing < 0.5,
-        f"dpo.label_smoothing={dpo.label_smoothing}; it must be in [0, 0.5)",
-    )
-    _require(dpo.sft_weight >= 0, f"dpo.sft_weight={dpo.sft_weight}; it must be >= 0")
-
-
-def save_config(cfg: RunConfig, path: str) -> None:
+def save_config(cfg: RunConfig, path: str, header: str = "") -> None:
+    """The config as YAML that `load_config` reads back; `header` becomes comment lines."""
     with open(path, "w") as f:
+        for line in header.splitlines():
+            f.write(f"# {line}\n")
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

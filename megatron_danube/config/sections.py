@@ -245,8 +245,9 @@ class LoggingSection:
 class RunConfig:
     """One run: pretraining (`danube-pretrain`) or chat fine-tuning (`danube-finetune`)."""
 
-    job: Literal["pretrain", "sft", "dpo"] = "pretrain"
-    """`pretrain` (token stages over corpora), `sft` (chat fine-tuning) or `dpo` (preferences)."""
+    job: str = "pretrain"
+    """A registered job: `pretrain` (token stages over corpora), `sft` (chat fine-tuning),
+    `dpo` (preferences), or one a plugin registers (training/jobs/registry.py)."""
     run_dir: str = "runs/default"
     """Checkpoints, metrics.jsonl and tensorboard/ go here (and logs/ under the SLURM scripts)."""
     model: ModelSection = field(default_factory=ModelSection)

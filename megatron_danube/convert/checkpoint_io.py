@@ -10,15 +10,12 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_danube import compat
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.config_builder import DTYPES
-from megatron_danube.runtime import compat
-from megatron_danube.training.checkpointing import (  # noqa: F401  (resolve_checkpoint: re-export)
-    STATE_FILE,
-    CheckpointManager,
+from megatron_danube.training.checkpoint_format import (  # noqa: F401  (resolve_checkpoint: re-export)
     read_train_state,
     resolve_checkpoint,
-    verify_checkpoint,
 )
 
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
@@ -104,18 +101,18 @@ def load_megatron_weights(ckpt: str, model_cfg) -> Dict[str, torch.Tensor]:
 
 
 def build_local_model(model_cfg, dtype: torch.dtype):
+    """The whole model on this CPU process, without DDP or optimizer (forward-only work)."""
     from megatron_danube.config import ParallelLayout, PrecisionConfig
-    from megatron_danube.models.builder import build_model_chunks
-    from megatron_danube.models.config_builder import build_transformer_config
+    from megatron_danube.training.model_build import build_model
 
     init_single_rank(model_cfg)
     name = {v: k for k, v in DTYPES.items()}[dtype]
-    config = build_transformer_config(
+    _, chunks = build_model(
         model_cfg,
-        ParallelLayout(),
+        layout=ParallelLayout(),
         spec="local",
-        device_type="cpu",
+        device=torch.device("cpu"),
         precision=PrecisionConfig(params_dtype=name),
-        perform_initialization=False,
+        overrides={"perform_initialization": False},
     )
-    return build_model_chunks(model_cfg, config, "local", torch.device("cpu"))[0]
+    return chunks[0]

@@ -90,6 +90,11 @@ def to_hf(
         chat_template = state.get("chat_template")
     if chat_template is not None and tok is None:
         raise DanubeConfigError("a chat template needs a tokenizer; pass --tokenizer PATH")
+    if chat_template is not None:
+        from megatron_danube.data.chat.encoder import chat_backend
+        from megatron_danube.data.chat.template import ChatTemplate
+
+        ChatTemplate(chat_template, chat_backend(tok)[1]).check()  # before anything is written
     prepare_output(save)
     weights = load_megatron_weights(ckpt, model_cfg)
     target = DTYPES[dtype]

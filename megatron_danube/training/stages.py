@@ -32,7 +32,19 @@ class Stage:
         return (self.end_tokens - self.start_tokens) // self.seq_length
 
 
-def plan_stages(cfg, data_parallel: int, max_seq_length: int) -> List[Stage]:
+def check_stage_lengths(cfg, model) -> None:
+    """Every stage's sequence fits the model's context (checked before the layout, which
+    would otherwise report the longest stage without naming it)."""
+    for i, stage in enumerate(cfg.stages):
+        if stage.seq_length > model.max_position_embeddings:
+            raise DanubeConfigError(
+                f"stages[{i}].seq_length {stage.seq_length} exceeds model {model.name}'s "
+                f"context {model.max_position_embeddings}; shorten the stage or choose a "
+                f"longer-context preset"
+            )
+
+
+def plan_stages(cfg, data_parallel: int) -> List[Stage]:
     train, stages = cfg.train, cfg.stages
     gbt, mbs = train.global_batch_tokens, train.micro_batch_size
     if not stages:
@@ -55,11 +67,6 @@ def plan_stages(cfg, data_parallel: int, max_seq_length: int) -> List[Stage]:
             raise DanubeConfigError(
                 f"{where}.start_tokens {stage.start_tokens} is not a multiple of "
                 f"train.global_batch_tokens {gbt}; stages change only between steps"
-            )
-        if stage.seq_length > max_seq_length:
-            raise DanubeConfigError(
-                f"{where}.seq_length {stage.seq_length} exceeds the model's context "
-                f"{max_seq_length}"
             )
         if gbt % stage.seq_length:
             raise DanubeConfigError(

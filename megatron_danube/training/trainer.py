@@ -1,9 +1,11 @@
 """One training loop for every job: build, resume, then step, log, evaluate, save, stop.
 
-What differs between pretraining, SFT and DPO (datasets and batches, the forward step and
-its loss reports, metrics, the schedule's length) comes in as a `Job`; the loop itself is
-`Trainer.train`. Checkpoint intervals are the checkpointer's business, signals are handled
-from process start (`StopRequest`), and every rank takes each decision together.
+The run's frozen `Plan` (training/preflight.py) says what was decided; what differs between
+pretraining, SFT and DPO (data and batches, the forward step and its loss reports, metrics,
+the schedule's length, changes to the model before DDP) comes in as a `Job`
+(training/job.py); the loop itself is `Trainer.train`. Checkpoint intervals are the
+checkpointer's business, signals are handled from process start (`StopRequest`), and every
+rank takes each decision together.
 """
 
 from __future__ import annotations
@@ -12,134 +14,79 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Protocol
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_danube.config import RunConfig, save_config
+from megatron_danube.config import save_config
 from megatron_danube.runtime.stop import StopRequest
 from megatron_danube.training import resume_checks
 from megatron_danube.training.checkpointing import CheckpointManager
+from megatron_danube.training.job import Job, RunContext, StepBatch, TrainState
 from megatron_danube.training.metrics import MetricsWriter, StepWindow, Throughput
+from megatron_danube.training.plan import Plan, StartPoint
 from megatron_danube.training.run_lock import RunDirLock
+
+# (the plan's start point) -> None: turns `start.convert_from_hf` into `start.checkpoint`;
+# given by the command that runs the trainer (conversion is a tool above training).
+StartConverter = Callable[[StartPoint], None]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainState:
-    iteration: int = 0
-    consumed_tokens: int = 0
-    skipped_steps: int = 0
-    bad_steps_in_row: int = 0
-
-
-@dataclass
-class StepBatch:
-    """One global step's work for this rank, as a job describes it."""
-
-    iterators: List[Iterator]
-    """One micro-batch iterator per model chunk."""
-    num_microbatches: int
-    seq_length: int
-    micro_batch_size: int
-    tokens: int
-    """Tokens the step consumes from the schedule (the same on every rank)."""
-    flops: float
-    """Model FLOPs of the whole step (all ranks)."""
-    labels: Dict[str, int] = field(default_factory=dict)
-    """Logged with the step, e.g. the stage and its sequence length."""
-
-
-class Job(Protocol):
-    """What a training job provides to the loop."""
-
-    forward_step: Callable
-    """megatron forward-step function: (data_iterator, model) -> (output, loss_func)."""
-    report_sizes: Dict[str, int]
-    """Names and lengths of the loss function's reports."""
-    total_tokens: int
-    """Length of the schedule, in tokens."""
-    max_seq_length: int
-    """The longest sequence the job feeds the model."""
-    transformer_overrides: Dict[str, object]
-    """TransformerConfig fields the job needs, e.g. `calculate_per_token_loss`."""
-    inputs: Dict[str, str]
-    """What the run reads, by content (training/run_inputs.py); recorded in every checkpoint."""
-
-    def setup(self, rt, is_main: bool) -> None:
-        """Prepare data; called once on every rank after the process group exists."""
-
-    def train_batch(self, state: TrainState) -> StepBatch: ...
-
-    def eval_batches(self, state: TrainState) -> List[StepBatch]:
-        """The validation batches (empty: nothing to validate on)."""
-
-    def loss(self, reports: Dict[str, torch.Tensor]) -> float: ...
-
-    def eval_metrics(self, reports: Dict[str, torch.Tensor]) -> Dict[str, float]: ...
-
-    def state_extra(self, state: TrainState) -> dict:
-        """What the job records in each checkpoint's train state."""
-
-    # Optional: `after_resume(trainer)`, run once the starting weights are in place (e.g. to
-    # record reference log-probabilities), and `train_metrics(reports)`, the job's own
-    # metrics from the loss reports summed over the logging window.
-
-
 class Trainer:
-    def __init__(self, cfg: RunConfig, job: Job, model_cfg, stop: StopRequest):
-        self.cfg, self.job, self.model_cfg, self.stop = cfg, job, model_cfg, stop
+    def __init__(
+        self,
+        plan: Plan,
+        job: Job,
+        stop: StopRequest,
+        convert_start: Optional[StartConverter] = None,
+    ):
+        self.plan, self.cfg, self.job, self.stop = plan, plan.config, job, stop
+        self.model_cfg = plan.model
+        self.convert_start = convert_start
         self.started = time.perf_counter()
         self.state = TrainState()
-        self.exit_code, self.reason = 0, "finished"
+        self.exit_code, self.reason = 0, None
         self.last_eval_iteration: Optional[int] = None
         self.last_skip_reason = ""
 
     # ------------------------------------------------------------------------------ build
     def build(self) -> None:
-        from megatron_danube.models.builder import build_model_chunks, count_parameters
-        from megatron_danube.models.config_builder import build_transformer_config
+        from megatron_danube.models.builder import count_parameters
         from megatron_danube.runtime.distributed import initialize
-        from megatron_danube.training.optim import build_optimizer
-        from megatron_danube.training.step import wrap_with_ddp
+        from megatron_danube.training.model_build import build_model, wrap_for_training
 
-        cfg = self.cfg
+        cfg, plan = self.cfg, self.plan
         self.rt = initialize(
-            self.model_cfg,
+            plan.model,
             cfg.parallel,
             seed=cfg.train.seed,
             spec=cfg.model.spec,
             device=cfg.train.device,
-            seq_length=self.job.max_seq_length,
-            checked=getattr(self.job, "checked_layout", None),
+            seq_length=plan.max_seq_length,
+            checked=plan.layout,
         )
         self.lock = RunDirLock(cfg.run_dir, self.rt.is_main)
         if self.rt.is_main:
-            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-        self.job.setup(self.rt, self.rt.is_main)
+            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"), header=plan.summary())
+        logger.info("plan: %s", plan.summary())
+        self._prepare_start()
+        self.job.setup(self.rt)
         dist.barrier()
-        config = build_transformer_config(
-            self.model_cfg,
-            cfg.parallel,
+        config, chunks = build_model(
+            plan.model,
+            layout=cfg.parallel,
             spec=self.rt.spec,
-            device_type=self.rt.device.type,
+            device=self.rt.device,
             precision=cfg.precision,
             recompute=cfg.recompute,
-            **self.job.transformer_overrides,
+            overrides=self.job.transformer_overrides,
+            pre_wrap=[self.job.transform_model],
         )
-        chunks = build_model_chunks(self.model_cfg, config, self.rt.spec, self.rt.device)
-        self.chunks = wrap_with_ddp(
-            chunks,
-            config,
-            use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
-            overlap_grad_reduce=cfg.optim.overlap_grad_reduce,
-        )
-        self.optimizer, self.scheduler = build_optimizer(
-            cfg.optim, self.chunks, config, self.job.total_tokens
-        )
+        model = wrap_for_training(config, chunks, cfg.optim, self.job.total_tokens)
+        self.chunks, self.optimizer, self.scheduler = model.chunks, model.optimizer, model.scheduler
         self.checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint)
         self.metrics = MetricsWriter(cfg.run_dir, self.rt.is_main, cfg.logging.tensorboard)
         logger.info(
@@ -155,25 +102,43 @@ class Trainer:
             self.rt.data_parallel,
         )
 
-    def resume(self) -> None:
-        cfg = self.cfg
-        from megatron_danube.training.checkpointing import resolve_checkpoint
+    def _prepare_start(self) -> None:
+        """Rank 0 converts an HF start once; every rank learns of a failure in one line."""
+        from megatron_danube.errors import DanubeConfigError
+        from megatron_danube.runtime.distributed import raise_rank0_problem
 
-        own = self.checkpoints.latest()
-        source = own or cfg.checkpoint.load
+        start = self.plan.start
+        if self.plan.resumes or not start.convert_from_hf:
+            return
+        problem = None
+        if self.rt.is_main:
+            try:
+                if self.convert_start is None:
+                    raise DanubeConfigError(
+                        f"checkpoint.load={start.convert_from_hf} is an HF model directory; "
+                        f"convert it with danube-convert --to mcore and load the result"
+                    )
+                self.convert_start(start)
+            except DanubeConfigError as exc:
+                problem = str(exc)
+        raise_rank0_problem(problem)
+
+    def resume(self) -> None:
+        from megatron_danube.training.checkpoint_format import resolve_checkpoint
+
+        own, start = self.checkpoints.latest(), self.plan.start
+        source = own or start.checkpoint
         if not source:
             return
         if not own:  # a run directory names its latest intact checkpoint
-            source = resolve_checkpoint(source, "checkpoint.load")
+            source = resolve_checkpoint(source, "checkpoint.load", verify=start.verify)
         saved = self.checkpoints.load(
             source,
             self.chunks,
             self.optimizer,
-            load_optimizer=bool(own) or cfg.checkpoint.load_optimizer,
-            verify=not own,
-            before_load=lambda state: resume_checks.check(
-                state, self.train_state(), cfg.checkpoint.allow_changes, own=bool(own)
-            ),
+            load_optimizer=bool(own) or start.load_optimizer,
+            verify=False,  # latest() and resolve_checkpoint() verified what they named
+            before_load=lambda saved: self._check_saved(saved, own=bool(own)),
         )
         if own:  # continuing this run; a foreign checkpoint only provides the weights
             names = [f.name for f in dataclasses.fields(TrainState)]
@@ -193,8 +158,15 @@ class Trainer:
             logger.info(
                 "starting from the weights of %s%s",
                 source,
-                " and its optimizer state" if cfg.checkpoint.load_optimizer else "",
+                " and its optimizer state" if start.load_optimizer else "",
             )
+
+    def _check_saved(self, saved: dict, *, own: bool) -> None:
+        """Before any tensor is read: the job learns what its own checkpoint recorded, then
+        the checkpoint is compared with this run (model, and for its own the schedule)."""
+        if own:
+            self.job.restored(saved)
+        resume_checks.check(saved, self.train_state(), self.cfg.checkpoint.allow_changes, own=own)
 
     # ------------------------------------------------------------------------------ loop
     def train(self) -> int:
@@ -202,8 +174,9 @@ class Trainer:
 
         s, window, throughput = self.state, StepWindow(), Throughput()
         t_start, tokens_at_start, steps = time.perf_counter(), s.consumed_tokens, 0
-        if hasattr(self.job, "after_resume"):
-            self.job.after_resume(self)
+        self.job.after_resume(
+            RunContext(s.iteration, self.rt.is_main, forward_only=self.forward_only)
+        )
         if s.consumed_tokens >= self.job.total_tokens:
             self.reason = (
                 f"this run finished earlier ({self.cfg.run_dir}); nothing to do. To train "
@@ -288,10 +261,10 @@ class Trainer:
         return dict(
             dataclasses.asdict(self.state),
             model=dataclasses.asdict(self.model_cfg),
-            schedule=resume_checks.schedule_of(self.cfg),
+            schedule=self.job.schedule(),
             tokenizer=self.cfg.data.tokenizer,
             tokenizer_type=self.cfg.data.tokenizer_type,
-            inputs=self.job.inputs,
+            inputs=dict(self.plan.inputs),
             **self.job.state_extra(self.state),
         )
 
@@ -311,7 +284,7 @@ class Trainer:
             peak_tflops=self.peak_tflops(),
             eta_s=elapsed / max(done_tokens, 1) * (self.job.total_tokens - s.consumed_tokens),
         )
-        if hasattr(self.job, "train_metrics") and window.reports:
+        if window.reports:
             record.update(self.job.train_metrics(window.reports))
         self.metrics.write(record, s.iteration)
         window.reset()
@@ -376,21 +349,25 @@ class Trainer:
         self.checkpoints.close()
         self.metrics.close()
         minutes, seconds = divmod(round(time.perf_counter() - self.started), 60)
-        logger.info(
-            "stopped at iteration %d (%s tokens): %s (%d min %d s in all)",
-            self.state.iteration,
-            f"{self.state.consumed_tokens:,}",
-            self.reason,
-            minutes,
-            seconds,
-        )
+        if self.reason is not None:  # None: an error ended start-up or a step; it is reported
+            logger.info(
+                "stopped at iteration %d (%s tokens): %s (%d min %d s in all)",
+                self.state.iteration,
+                f"{self.state.consumed_tokens:,}",
+                self.reason,
+                minutes,
+                seconds,
+            )
         self.lock.release()
         shutdown()
 
 
-def run(cfg: RunConfig, job: Job, model_cfg, stop: StopRequest) -> int:
-    """Build, resume, train, close; the exit code (0, or 1 after repeated non-finite steps)."""
-    trainer = Trainer(cfg, job, model_cfg, stop)
+def run(plan: Plan, stop: StopRequest, convert_start: Optional[StartConverter] = None) -> int:
+    """Build, resume, train, close the plan's job; the exit code (0, or 1 after repeated
+    non-finite steps)."""
+    from megatron_danube.training.jobs.registry import get_job
+
+    trainer = Trainer(plan, get_job(plan.job).make(plan), stop, convert_start)
     trainer.build()
     try:
         trainer.resume()

@@ -1,6 +1,7 @@
 """Chat data: template ids equal HF `apply_chat_template`, masks by position, packing bounds."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -184,6 +185,25 @@ def test_cache_is_keyed_by_data_and_template(tmp_path, tokenizer):
     assert missing is None and path4 != path1
 
 
+def test_a_damaged_cache_is_rebuilt_by_its_builder_and_named_by_readers(
+    tmp_path, tokenizer, caplog
+):
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps({"messages": SINGLE}) + "\n")
+    cache = str(tmp_path / "cache")
+    enc = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 64)
+    first, path = load_or_build([str(data)], enc, cache, "t", build=True)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(DanubeConfigError, match="is damaged .*remove it and run again"):
+        load_or_build([str(data)], enc, cache, "t", build=False)
+    with caplog.at_level("WARNING"):
+        rebuilt, _ = load_or_build([str(data)], enc, cache, "t", build=True)
+    assert "is damaged" in caplog.text and np.array_equal(first.tokens, rebuilt.tokens)
+    again, _ = load_or_build([str(data)], enc, cache, "t", build=False)
+    assert np.array_equal(first.tokens, again.tokens)
+
+
 def toy_samples(lengths):
     tokens, labels, masks = [], [], []
     for k, n in enumerate(lengths):
@@ -231,3 +251,31 @@ def test_template_resolution(tmp_path):
         resolve_template("{% for x in %}")
     with pytest.raises(DanubeConfigError, match="chat.template"):
         resolve_template("chatml")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in %}")
+    with pytest.raises(DanubeConfigError, match="does not compile"):
+        resolve_template(str(broken))  # a file is checked as the same text inline is
+
+
+def test_a_template_that_compiles_but_cannot_render_fails_its_probe_in_one_line(tokenizer):
+    from megatron_danube.data.chat.encoder import chat_backend
+    from megatron_danube.data.chat.template import ChatTemplate
+
+    special = chat_backend(tokenizer)[1]
+    ChatTemplate(DANUBE_TEMPLATE, special).check()
+    for text, what in [
+        ("{{ messages[0]['content'] | nosuchfilter }}", "does not compile"),
+        ("{% for m in messages %}{{ m.content + undefined_name.x }}{% endfor %}", "Undefined"),
+        ("{{ raise_exception('no assistant turns here') }}", "no assistant turns here"),
+    ]:
+        with pytest.raises(DanubeConfigError, match=what) as refused:
+            ChatTemplate(resolve_template(text), special).check()
+        assert "\n" not in str(refused.value)
+
+
+def test_a_conversation_the_template_cannot_render_is_a_skipped_record(tokenizer):
+    """Rendering errors of one record (here an undefined attribute) skip that record."""
+    template = "{% for m in messages %}{{ m['content'] ~ m['name'].upper() }}{% endfor %}"
+    encoder = ChatEncoder(tokenizer, template, 64, "left")
+    with pytest.raises(SampleError, match="chat template refused the conversation"):
+        encoder.encode(SINGLE)

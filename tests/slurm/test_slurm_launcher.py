@@ -195,6 +195,23 @@ def test_slurm_sbatch_trains_and_saves(slurm, corpus, tmp_path):
     assert metric_lines(run_dir) >= 10
 
 
+def test_slurm_config_error_is_one_line_and_exit_2(slurm, corpus, tmp_path):
+    """A bad config under sbatch: the job fails with exit code 2 and its log holds the error
+    line once (rank 0's), no traceback."""
+    run_dir = tmp_path / "run"
+    job = sbatch(slurm, run_dir, corpus, "train.micro_batch_sise=3")
+    assert wait_done(slurm, job) == ("FAILED", "2:0"), log_of(run_dir, job)[-3000:]
+    log = log_of(run_dir, job)
+    # (SLURM adds its own "slurmstepd: ... STEP CANCELLED" when it ends the other tasks)
+    errors = [ln for ln in log.splitlines() if "error:" in ln and "slurmstepd" not in ln]
+    assert len(errors) == 1 and errors[0].endswith(
+        "danube-pretrain: error: unknown config key 'train.micro_batch_sise'; "
+        "did you mean 'train.micro_batch_size'?"
+    ), log[-3000:]
+    assert "Traceback" not in log
+    assert not (run_dir / "checkpoints").exists()
+
+
 def test_slurm_scancel_term_saves_exits_cleanly_and_resubmission_resumes(slurm, corpus, tmp_path):
     run_dir = tmp_path / "run"
     job = sbatch(slurm, run_dir, corpus, tokens=204800)

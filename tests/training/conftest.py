@@ -83,6 +83,29 @@ def run_pretrain(
     return proc
 
 
+def plan_error(*overrides, config="tests/training/tiny_run.yaml") -> str:
+    """The one-line error the preflight gives this config, in this process (the command line
+    shows it as `PROG: error: LINE`, exit 2; one launch per command family checks that)."""
+    from megatron_danube.config import load_config
+    from megatron_danube.errors import DanubeConfigError
+    from megatron_danube.training.preflight import build_plan
+
+    with pytest.raises(DanubeConfigError) as refused:
+        build_plan(load_config(os.path.join(REPO, config), list(overrides)))
+    line = str(refused.value)
+    assert "\n" not in line, line
+    return line
+
+
+def pretrain_overrides(run_dir, corpora):
+    """The blend overrides `run_pretrain` gives tiny_run.yaml."""
+    return [
+        f"run_dir={run_dir}",
+        f"data.blend=[{corpora[0]}]",
+        f"stages.1.blend=[0.3, {corpora[0]}, 0.7, {corpora[1]}]",
+    ]
+
+
 def train_losses(run_dir):
     """{iteration: loss} from metrics.jsonl (train records only)."""
     out = {}

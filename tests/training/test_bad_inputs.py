@@ -1,6 +1,6 @@
-"""Bad input through the real command line: one line naming the problem and the fix, exit 2,
-before the model is built where the input can be checked up front; nothing written is lost.
-One test per family."""
+"""Bad input: one line naming the problem and the fix, before the model is built where the
+input can be checked up front; nothing written is lost. What the preflight refuses is checked
+in this process; the command line (exit 2, the line once, no traceback) once per family."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import wait_for
-from tests.training.conftest import run_pretrain
+from tests.training.conftest import plan_error, pretrain_overrides, run_pretrain
 
 pytestmark = pytest.mark.slow
 ONE = dict(nproc=1, check=False)
@@ -55,8 +55,7 @@ def test_damaged_dataset_files(tmp_path, corpora, damage, expected):
     else:
         path = tmp_path / "copy_text_document.bin"
         path.write_bytes(path.read_bytes()[:100])
-    proc = run_pretrain(tmp_path / "r", [str(prefix), str(prefix)], **ONE)
-    assert expected in _error_line(proc)
+    assert expected in plan_error(*pretrain_overrides(tmp_path / "r", [str(prefix)] * 2))
 
 
 def test_token_ids_beyond_the_tokenizer_are_a_clear_error(tmp_path, corpora):
@@ -86,8 +85,9 @@ def test_run_dir_that_cannot_be_written(tmp_path, corpora, obstacle):
         run_dir = parent / "r"
         if os.access(parent, os.W_OK):  # root ignores permission bits
             pytest.skip("running as a user that can write anywhere")
-    line = _error_line(run_pretrain(run_dir, corpora, **ONE))
+    line = plan_error(*pretrain_overrides(run_dir, corpora))
     assert "run_dir" in line or "checkpoints" in line
+    assert not (tmp_path / "r").is_dir() or obstacle == "checkpoints_is_file"  # nothing made
 
 
 def _finished_run(tmp_path, corpora, *extra):

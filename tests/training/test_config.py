@@ -2,6 +2,7 @@ import pytest
 
 from megatron_danube.config import load_config
 from megatron_danube.errors import DanubeConfigError
+from megatron_danube.training.preflight import build_plan
 from megatron_danube.training.stages import plan_stages, stage_at
 
 DEMO = "examples/configs/danube-tiny-cpu.yaml"
@@ -48,7 +49,7 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
 
 def test_stage_plan_keeps_tokens_per_step_constant():
     cfg = load_config(DEMO)
-    stages = plan_stages(cfg, data_parallel=2, max_seq_length=512)
+    stages = plan_stages(cfg, data_parallel=2)
     assert [s.seq_length for s in stages] == [64, 128]
     assert [s.global_batch_seqs * s.seq_length for s in stages] == [1024, 1024]
     assert [s.num_microbatches for s in stages] == [2, 1]
@@ -58,7 +59,7 @@ def test_stage_plan_keeps_tokens_per_step_constant():
 
 def test_danube_1_8b_example_stages():
     cfg = load_config("examples/configs/danube-1.8b.yaml", ["data.blend=[x]"])
-    stages = plan_stages(cfg, data_parallel=8, max_seq_length=16384)
+    stages = plan_stages(cfg, data_parallel=8)
     assert [s.seq_length for s in stages] == [2048, 4096, 8192, 16384]
 
 
@@ -75,7 +76,7 @@ def test_danube_1_8b_example_stages():
 def test_impossible_stage_plans(override, match):
     cfg = load_config(DEMO, [override])
     with pytest.raises(DanubeConfigError, match=match):
-        plan_stages(cfg, data_parallel=2, max_seq_length=512)
+        plan_stages(cfg, data_parallel=2)
 
 
 @pytest.mark.parametrize(
@@ -110,11 +111,9 @@ def test_bad_values_are_one_line_errors_naming_the_key(override, match):
 
 @pytest.mark.parametrize("split", ["a,b,c", "0,100,0", "1,2", "-1,1,1"])
 def test_bad_data_split_is_refused_before_anything_runs(split):
-    from megatron_danube.training.jobs.pretrain import check_config
-
     cfg = load_config(DEMO, [f"data.split={split}", "run_dir=/tmp/danube-split-check"])
     with pytest.raises(DanubeConfigError, match="data.split="):
-        check_config(cfg)
+        build_plan(cfg)
 
 
 @pytest.mark.parametrize("weight", ["0", ".nan", "-1"])
@@ -133,13 +132,18 @@ def test_empty_yaml_uses_working_defaults(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     cfg = load_config(str(empty))
-    stages = plan_stages(cfg, data_parallel=1, max_seq_length=16384)  # the defaults agree
+    stages = plan_stages(cfg, data_parallel=1)  # the defaults agree
     assert stages[0].start_tokens == 0 and cfg.optim.warmup_tokens < cfg.train.train_tokens
-    from megatron_danube.training.jobs.pretrain import check_config
-
     # the only thing an empty config lacks is the data, and that is what the error names
     with pytest.raises(DanubeConfigError, match="data.blend is empty"):
-        check_config(load_config(str(empty), [f"run_dir={tmp_path / 'run'}"]))
+        build_plan(load_config(str(empty), [f"run_dir={tmp_path / 'run'}"]))
+
+
+def test_a_stage_longer_than_the_model_context_is_named():
+    """The stage is named (the layout check would only see the longest length)."""
+    cfg = load_config(DEMO, ["stages.1.seq_length=1024", "train.global_batch_tokens=2048"])
+    with pytest.raises(DanubeConfigError, match=r"stages\[1\].seq_length 1024 exceeds model"):
+        build_plan(cfg)
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -151,7 +155,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_a_key_of_a_newer_megatron_core_says_so():
-    from megatron_danube.runtime import compat
+    from megatron_danube import compat
 
     if compat.MCORE_VERSION >= compat.parse_version("0.18"):
         cfg = load_config(DEMO, ["optim.grad_norm_skip_threshold=5"])

@@ -157,6 +157,27 @@ def test_changed_reference_is_refused(single_rank_run, tmp_path, pairs):
     assert len(lines) == 1 and "reference log-probabilities of another reference" in lines[0]
 
 
+def test_a_run_resumes_without_its_start_and_names_a_damaged_reference(
+    single_rank_run, tmp_path, pairs
+):
+    """Its own checkpoints and reference log-probabilities are all a run needs once it has
+    them (the start may be pruned); a damaged reference file after step 0 is one line."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(single_rank_run, run_dir)
+    reference = run_dir / "reference_logps.npz"
+    intact = reference.read_bytes()
+    reference.write_bytes(intact[: len(intact) // 2])
+    args = [f"chat.train=[{pairs}]", f"checkpoint.load={tmp_path / 'pruned_start'}"]
+    proc = finetune(run_dir, *args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{reference} is damaged (BadZipFile)" in proc.stderr
+    reference.write_bytes(intact)
+    proc = finetune(run_dir, *args)
+    assert "this run finished earlier" in proc.stderr + proc.stdout
+
+
 def test_overfit_sixteen_pairs(tmp_path, start):
     from megatron_danube.data.demo_chat import preference_pairs
 
@@ -191,6 +212,7 @@ def test_resume_with_changed_inputs_is_refused_and_keeps_every_checkpoint(
 ):
     import shutil
 
+    from tests.training.conftest import plan_error
     from tests.training.test_sft_run import changed_inputs, launch_finetune, refuse_changed_inputs
 
     run_dir = str(tmp_path / "run")
@@ -198,9 +220,15 @@ def test_resume_with_changed_inputs_is_refused_and_keeps_every_checkpoint(
     records = [json.loads(line) for line in open(pairs)]
     data, template, tokenizer = changed_inputs(tmp_path, records, other_tokenizer, "chosen")
 
+    config = "tests/training/tiny_dpo.yaml"
+
     def run(run_dir, *overrides):
-        config = "tests/training/tiny_dpo.yaml"
         return launch_finetune(run_dir, config, f"checkpoint.load={start}", *overrides)
+
+    def preflight(run_dir, *overrides):
+        return plan_error(
+            f"run_dir={run_dir}", f"checkpoint.load={start}", *overrides, config=config
+        )
 
     refuse_changed_inputs(
         run,
@@ -210,4 +238,5 @@ def test_resume_with_changed_inputs_is_refused_and_keeps_every_checkpoint(
             ([f"chat.train=[{pairs}]", f"chat.template={template}"], "chat.template (its text)"),
             ([f"chat.train=[{pairs}]", f"data.tokenizer={tokenizer}"], "data.tokenizer"),
         ],
+        preflight,
     )

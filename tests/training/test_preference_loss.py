@@ -98,11 +98,33 @@ def test_pair_formats():
         ({"prompt": "Q", "responses": ["a", "b"], "ranks": [1, 1]}, "same rank"),
         ({"prompt": 3, "chosen": "A", "rejected": "B"}, "`prompt` must be"),
         ({"prompt": "Q", "chosen": "A", "rejected": [{"role": "x", "content": "B"}]}, "role"),
+        ({"prompt": "Q", "responses": ["a", "b"], "ranks": [0, "x"]}, "finite numbers"),
+        ({"prompt": "Q", "responses": ["a", "b"], "ranks": [0, float("nan")]}, "finite"),
+        ({"prompt": "Q", "responses": ["a", "b"], "ranks": [0, [1]]}, "finite numbers"),
+        ({"prompt": "Q", "responses": ["a", "b"], "ranks": [True, False]}, "finite numbers"),
+        ({"prompt": "Q", "system": 5, "chosen": "A", "rejected": "B"}, "`system` must be"),
     ],
 )
 def test_bad_pairs_name_the_problem(record, reason):
     with pytest.raises(SampleError, match=reason):
         pair_of(json.loads(json.dumps(record)))
+
+
+def test_a_malformed_ranked_record_is_skipped_and_counted(tmp_path):
+    """One bad line among good ones: skipped with `file:line: reason`, the rest is read."""
+    from megatron_danube.data.chat.encoder import ChatEncoder
+    from megatron_danube.data.chat.preference import encode_pair_files
+    from megatron_danube.data.chat.template import DANUBE_TEMPLATE
+    from megatron_danube.data.tokenizer import load_tokenizer
+
+    good = {"prompt": "Q", "responses": ["best", "worst"], "ranks": [0, 1]}
+    bad = dict(good, ranks=[0, "x"])
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, bad, good)))
+    encoder = ChatEncoder(load_tokenizer("mistral-v1"), DANUBE_TEMPLATE, 64, "left")
+    samples = encode_pair_files([str(path)], encoder, "chat.train")
+    assert len(samples) == 4 and samples.stats["bad_records"] == 1
+    assert any(f"{path}:2" in example for example in samples.stats["bad_examples"])
 
 
 def test_dpo_loss_of_a_packed_row_with_sft_term():

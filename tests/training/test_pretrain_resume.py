@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import psutil
 import pytest
@@ -148,6 +149,27 @@ def test_sigterm_to_the_launcher_saves(tmp_path, corpora, launcher, expected_rc)
     assert f"at iteration {stopped_at}," in again.stdout
 
 
+def test_a_second_sigterm_to_danube_launch_stops_now_without_a_traceback(tmp_path, corpora):
+    run_dir = tmp_path / "twice"
+    slow = ("train.train_tokens=25600",)
+    proc = run_pretrain(
+        run_dir, corpora, *slow, background=True, launcher="megatron_danube.cli.launch"
+    )
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(
+        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
+        300,
+        "training to start",
+    )
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # two signals sent at once arrive as one; the save takes seconds
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert "Traceback" not in out and "SignalException" not in out, out[-3000:]
+    assert "SIGTERM received twice: the workers were stopped now" in out, out[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
 def test_checkpoint_killed_mid_save_leaves_previous_latest_loadable(tmp_path, corpora):
     run_dir = tmp_path / "kill"
     ckpts = run_dir / "checkpoints"
@@ -212,7 +234,7 @@ def test_steps_over_the_grad_norm_threshold_are_skipped_saved_and_resumable(tmp_
     """megatron-core 0.18+: `optim.grad_norm_skip_threshold` skips the update; the log names
     the norm, N in a row stop the run, and the save works although the optimizer never
     stepped (megatron cannot save an empty distributed-optimizer state by itself)."""
-    from megatron_danube.runtime import compat
+    from megatron_danube import compat
 
     if compat.MCORE_VERSION < compat.parse_version("0.18"):
         pytest.skip(f"megatron-core {compat.MCORE_VERSION_STRING} has no grad_norm_skip_threshold")
@@ -265,7 +287,7 @@ def test_divergence_never_replaces_healthy_checkpoints(tmp_path, corpora):
     state = json.loads(next((run_dir / "checkpoints").glob("iter_*/train_state.json")).read_text())
     assert state["iteration"] >= 2
     from megatron_danube.convert.checkpoint_io import load_megatron_weights, model_config_of
-    from megatron_danube.training.checkpointing import read_train_state
+    from megatron_danube.training.checkpoint_format import read_train_state
 
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     weights = load_megatron_weights(str(latest), model_config_of(read_train_state(str(latest))))

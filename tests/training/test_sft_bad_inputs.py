@@ -1,4 +1,5 @@
-"""danube-finetune's bad input: one line naming the problem and the fix, exit 2, no model built."""
+"""Chat jobs' bad input: one line naming the problem and the fix, before any model is built
+(the preflight in this process; the command line once)."""
 
 import json
 import os
@@ -7,7 +8,9 @@ import sys
 
 import pytest
 
+from megatron_danube.errors import DanubeConfigError
 from tests.conftest import REPO
+from tests.training.conftest import plan_error
 from tests.training.test_bad_inputs import _error_line
 
 pytestmark = pytest.mark.slow
@@ -49,22 +52,34 @@ def chat(tmp_path):
     ],
 )
 def test_sft_config_errors(chat, change, expected):
-    line = _error_line(run("megatron_danube.finetune", *chat, *change))
-    assert expected in line
+    assert expected in plan_error(*chat, *change, config=CONFIG)
 
 
-def test_pretrain_config_is_refused_by_finetune_and_the_reverse(chat):
-    line = _error_line(run("megatron_danube.finetune", *chat, "job=pretrain"))
-    assert "not a fine-tuning job" in line
-    line = _error_line(run("megatron_danube.pretrain", *chat))
-    assert "run it with danube-finetune" in line
+def test_a_config_error_on_the_command_line_is_one_line_and_exit_2(chat):
+    line = _error_line(run("megatron_danube.finetune", *chat, "chat.train=[]"))
+    assert line.startswith("danube-finetune: error: job: sft needs chat.train")
 
 
-def test_data_without_one_usable_record(chat, tmp_path):
+@pytest.mark.parametrize(
+    "family,job,expected",
+    [("finetune", "pretrain", "not a fine-tuning job"), ("pretrain", "sft", "danube-finetune")],
+)
+def test_pretrain_config_is_refused_by_finetune_and_the_reverse(family, job, expected):
+    from megatron_danube.cli.train import refuse_other_family
+
+    with pytest.raises(DanubeConfigError, match=expected):
+        refuse_other_family(job, family)
+    refuse_other_family(job, None)  # danube-train runs every job
+
+
+@pytest.mark.parametrize("key", ["chat.train", "chat.valid"])
+def test_data_without_one_usable_record(chat, tmp_path, key):
+    """Training or validation files without one usable row are an error, not a skipped
+    validation."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "no answer"}]}\n{oops\n')
-    proc = run("megatron_danube.finetune", *chat, f"chat.train=[{bad}]")
+    proc = run("megatron_danube.finetune", *chat, f"{key}=[{bad}]", "logging.eval_at_start=true")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "chat.train has no usable sample" in proc.stderr
+    assert f"{key} has no usable sample" in proc.stderr
     assert f"{bad}:1: no assistant message" in proc.stderr  # the error names file:line
     assert f"{bad}:2: malformed JSON" in proc.stderr

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, free_port
+from tests.training.conftest import plan_error
 
 pytestmark = pytest.mark.slow
 
@@ -95,12 +96,15 @@ def test_resume_reads_what_an_uninterrupted_run_reads(overfit_run, tmp_path, cha
     args = [f"chat.train=[{path}]", f"chat.valid=[{path}]", f"checkpoint.load={hf_start}"]
     finetune(run_dir, *args, "train.exit_after_steps=7")
     assert records(str(run_dir), "loss")[-1]["iteration"] == 7
-    finetune(run_dir, *args)
+    # Five steps more cross several epochs' reshuffles (about 1.5 steps per epoch): what the
+    # whole run read at steps 8-12 is what the resumed one reads.
+    finetune(run_dir, *args, "train.exit_after_steps=5")
     whole = {r["iteration"]: r["loss"] for r in records(overfit_run, "loss") if "val_loss" not in r}
     resumed = {
         r["iteration"]: r["loss"] for r in records(str(run_dir), "loss") if "val_loss" not in r
     }
-    assert whole == resumed
+    assert sorted(resumed) == list(range(1, 13))
+    assert resumed == {i: whole[i] for i in resumed}
 
 
 def test_export_chats_with_the_template_and_stops_at_eos(overfit_run, tmp_path, chat_files):
@@ -133,6 +137,26 @@ def test_export_chats_with_the_template_and_stops_at_eos(overfit_run, tmp_path, 
     assert tok.decode(generated, skip_special_tokens=True) == messages[turn]["content"]
 
 
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("{% for m in messages %}", "does not compile"),
+        ("{% for m in messages %}{{ m.content + nothing.here }}{% endfor %}", "probe conversation"),
+    ],
+)
+def test_export_refuses_a_template_file_that_fails_before_writing(
+    overfit_run, tmp_path, capsys, text, expected
+):
+    from megatron_danube.cli.convert import command
+
+    template = tmp_path / "bad.jinja"
+    template.write_text(text)
+    out = tmp_path / "hf"
+    args = ["--to", "hf", "--load", overfit_run, "--save", str(out)]
+    assert command(args + ["--chat-template", str(template)]) == 2
+    assert expected in capsys.readouterr().err and not out.exists()
+
+
 def launch_finetune(run_dir, config, *overrides, nproc=2):
     """danube-launch (a config error: the line once and exit 2) with `nproc` workers."""
     cmd = [sys.executable, "-m", "megatron_danube.cli.launch", f"--nproc-per-node={nproc}"]
@@ -142,16 +166,22 @@ def launch_finetune(run_dir, config, *overrides, nproc=2):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def refuse_changed_inputs(run, run_dir, cases):
-    """Each case reruns `run_dir` with one input changed: exit 2 naming it, nothing written."""
+def refuse_changed_inputs(run, run_dir, cases, preflight):
+    """Each case reruns `run_dir` with one input changed: refused naming it, nothing written.
+    The first case through a 2-rank launch (exit 2, the line once), the others through
+    `preflight(run_dir, *overrides)` in this process (the same check, without the launch)."""
     checkpoints = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
     config = open(os.path.join(run_dir, "config.yaml")).read()
     metrics = open(os.path.join(run_dir, "metrics.jsonl")).read()
-    for overrides, what in cases:
-        proc = run(run_dir, *overrides)
-        assert proc.returncode == 2, (overrides, proc.stderr[-3000:])
-        errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
-        assert len(errors) == 1 and f"holds checkpoints trained on another {what}" in errors[0]
+    for i, (overrides, what) in enumerate(cases):
+        if i == 0:
+            proc = run(run_dir, *overrides)
+            assert proc.returncode == 2, (overrides, proc.stderr[-3000:])
+            errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+            assert len(errors) == 1, proc.stderr[-3000:]
+        else:
+            errors = [preflight(run_dir, *overrides)]
+        assert f"holds checkpoints trained on another {what}" in errors[0]
         assert "checkpoint.load=" in errors[0]  # the second way on: a new phase from this run
         assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == checkpoints
         assert open(os.path.join(run_dir, "config.yaml")).read() == config
@@ -185,6 +215,11 @@ def test_resume_with_changed_inputs_is_refused_and_keeps_every_checkpoint(
     def run(run_dir, *overrides):
         return launch_finetune(run_dir, "tests/training/tiny_sft.yaml", *base, *overrides)
 
+    def preflight(run_dir, *overrides):
+        return plan_error(
+            f"run_dir={run_dir}", *base, *overrides, config="tests/training/tiny_sft.yaml"
+        )
+
     refuse_changed_inputs(
         run,
         run_dir,
@@ -193,6 +228,7 @@ def test_resume_with_changed_inputs_is_refused_and_keeps_every_checkpoint(
             ([f"chat.train=[{path}]", f"chat.template={template}"], "chat.template (its text)"),
             ([f"chat.train=[{path}]", f"data.tokenizer={tokenizer}"], "data.tokenizer"),
         ],
+        preflight,
     )
     # One file under another spelling is the same input: the finished run says so, exit 0.
     spelled = os.path.relpath(path, REPO)

@@ -8,67 +8,24 @@ ids. Counts of what was skipped or cut are kept with the samples and reported at
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-from dataclasses import dataclass
+import zipfile
 from typing import List, Optional, Tuple
 
-import numpy as np
-
 from megatron_danube.data.chat.encoder import ChatEncoder, EncodedSample, SampleError
+from megatron_danube.data.chat.preference import encode_pair_files
 from megatron_danube.data.chat.records import BadRecords, messages_of, read_jsonl
+from megatron_danube.data.chat.samples import ChatSamples, concatenate_samples
+from megatron_danube.errors import DanubeConfigError
 
 logger = logging.getLogger(__name__)
 
+# What reading a truncated or overwritten .npz raises (zipfile's BadZipFile is an OSError
+# subclass only in some versions; numpy raises ValueError or EOFError on short arrays).
+DAMAGED_CACHE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+
 CACHE_VERSION = 1
-
-
-@dataclass
-class ChatSamples:
-    """Samples stored flat: sample i is `[offsets[i], offsets[i + 1])` of each array."""
-
-    tokens: np.ndarray
-    labels: np.ndarray
-    loss_mask: np.ndarray
-    offsets: np.ndarray
-    stats: dict
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def sample(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        return self.tokens[a:b], self.labels[a:b], self.loss_mask[a:b]
-
-    def subset(self, indices: np.ndarray) -> ChatSamples:
-        parts = [self.sample(int(i)) for i in indices]
-        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(p[0]) for p in parts])
-        cat = [np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in range(3)]
-        return ChatSamples(cat[0].astype(np.int32), cat[1].astype(np.int32), cat[2], offsets, {})
-
-    def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(
-            tmp,
-            tokens=self.tokens,
-            labels=self.labels,
-            loss_mask=self.loss_mask,
-            offsets=self.offsets,
-            stats=np.frombuffer(json.dumps(self.stats).encode(), dtype=np.uint8),
-        )
-        os.replace(tmp, path)  # readers never see a half-written cache
-
-    @classmethod
-    def load(cls, path: str) -> ChatSamples:
-        with np.load(path) as z:
-            stats = json.loads(z["stats"].tobytes().decode())
-            return cls(z["tokens"], z["labels"], z["loss_mask"], z["offsets"], stats)
 
 
 def files_digest(paths: List[str]) -> str:
@@ -86,19 +43,6 @@ def cache_key(paths: List[str], encoder: ChatEncoder, kind: str = "sft") -> str:
     return hashlib.sha256(
         f"v{CACHE_VERSION}|{kind}|{files_digest(paths)}|{identity}".encode()
     ).hexdigest()[:20]
-
-
-def concatenate_samples(parts: List[EncodedSample], stats: dict) -> ChatSamples:
-    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(p) for p in parts])
-
-    def cat(name, dtype):
-        arrays = [getattr(p, name) for p in parts]
-        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype=dtype)
-
-    return ChatSamples(
-        cat("tokens", np.int32), cat("labels", np.int32), cat("loss_mask", np.uint8), offsets, stats
-    )
 
 
 def encode_files(paths: List[str], encoder: ChatEncoder, what: str) -> ChatSamples:
@@ -142,13 +86,20 @@ def load_or_build(
     `dpo` preference pairs."""
     path = os.path.join(cache_dir, f"{kind}-{cache_key(paths, encoder, kind)}.npz")
     if os.path.exists(path):
-        return ChatSamples.load(path), path
+        try:
+            return ChatSamples.load(path), path
+        except DAMAGED_CACHE as exc:
+            if not build:
+                raise DanubeConfigError(
+                    f"data cache {path} is damaged ({type(exc).__name__}); remove it and run "
+                    f"again (it is rebuilt from chat files)"
+                ) from None
+            # Derived data: rebuilt from the files it was made of.
+            logger.warning("data cache %s is damaged (%s); rebuilding it", path, exc)
     if not build:
         return None, path
     os.makedirs(cache_dir, exist_ok=True)
     if kind == "dpo":
-        from megatron_danube.data.chat.preference import encode_pair_files
-
         samples = encode_pair_files(paths, encoder, what)
     else:
         samples = encode_files(paths, encoder, what)

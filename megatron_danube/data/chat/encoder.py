@@ -43,7 +43,16 @@ class SampleError(ValueError):
 
 
 def chat_backend(tokenizer):
-    """The `tokenizers.Tokenizer` and special-token strings an HF export of `tokenizer` has."""
+    """The `tokenizers.Tokenizer` and special-token strings an HF export of `tokenizer` has;
+    built once per tokenizer object (the preflight and the job's encoder share it)."""
+    cached = getattr(tokenizer, "_chat_backend", None)
+    if cached is None:
+        cached = _build_chat_backend(tokenizer)
+        tokenizer._chat_backend = cached
+    return cached
+
+
+def _build_chat_backend(tokenizer):
     try:
         import tokenizers  # noqa: F401
     except ImportError:

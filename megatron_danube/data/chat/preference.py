@@ -15,25 +15,30 @@ full by the chat template; only the completion (the messages after the prompt) i
 
 from __future__ import annotations
 
+import math
 from typing import List, Tuple
 
 import numpy as np
 
-from megatron_danube.data.chat.dataset import ChatSamples, concatenate_samples
 from megatron_danube.data.chat.encoder import ChatEncoder, SampleError, check_messages
 from megatron_danube.data.chat.records import BadRecords, read_jsonl
+from megatron_danube.data.chat.samples import ChatSamples, concatenate_samples
 from megatron_danube.data.chat.template import ROLES
 
 Pair = Tuple[List[dict], List[dict], List[dict]]  # prompt, chosen completion, rejected completion
 
 
 def _prompt_messages(record: dict) -> List[dict]:
-    prompt = record.get("prompt")
+    prompt, system = record.get("prompt"), record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise SampleError("`system` must be a string")
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
-        if isinstance(record.get("system"), str):
-            messages.insert(0, {"role": "system", "content": record["system"]})
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
         return messages
+    if system is not None:
+        raise SampleError("`system` goes with a string `prompt`; put it in the message list")
     if isinstance(prompt, list) and prompt:
         return prompt
     raise SampleError("`prompt` must be a string or a non-empty list of messages")
@@ -54,11 +59,18 @@ def _ranked(record: dict) -> Tuple[object, object]:
     ranks = record.get("ranks", list(range(len(responses))))
     if not isinstance(ranks, list) or len(ranks) != len(responses):
         raise SampleError("`ranks` must give one rank per response")
+    if not all(_is_rank(r) for r in ranks):
+        raise SampleError("`ranks` must be finite numbers (0: the best response)")
     if min(ranks) == max(ranks):
         raise SampleError("every response has the same rank: no preference to learn")
     best = min(range(len(ranks)), key=lambda i: ranks[i])
     worst = max(range(len(ranks)), key=lambda i: ranks[i])
     return responses[best], responses[worst]
+
+
+def _is_rank(value) -> bool:
+    """A real, finite number (JSON booleans and NaN are not ranks)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def pair_of(record) -> Pair:

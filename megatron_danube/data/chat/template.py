@@ -44,7 +44,9 @@ def resolve_template(spec: str) -> str:
         if not os.path.isfile(spec):
             raise DanubeConfigError(f"chat.template file {spec} not found")
         with open(spec, encoding="utf-8") as f:
-            return f.read()
+            text = f.read()
+        _compile(text)  # a file is checked as inline text is
+        return text
     if "{%" in spec or "{{" in spec:
         _compile(spec)  # a syntax error is reported now, not at the first conversation
         return spec
@@ -81,6 +83,31 @@ class ChatTemplate:
         self._compiled = _compile(template)
 
     def render(self, messages: List[dict], add_generation_prompt: bool = False) -> str:
-        return self._compiled.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
-        )
+        """The conversation as text; a template error (a Jinja one, e.g. an undefined name,
+        or its own `raise_exception`) is raised as `TemplateError`."""
+        from jinja2.exceptions import TemplateError as JinjaError
+
+        try:
+            return self._compiled.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+            )
+        except TemplateError:
+            raise
+        except (JinjaError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise TemplateError(f"{type(exc).__name__}: {exc}") from None
+
+    def check(self) -> None:
+        """Render a probe conversation (a user turn and an answer, with and without the
+        generation prompt): a template that compiles but cannot render fails here, in one
+        line, before anything is written."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        try:
+            self.render(probe)
+            self.render(probe[:1], add_generation_prompt=True)
+        except TemplateError as exc:
+            raise DanubeConfigError(
+                f"chat template fails on a probe conversation (user, assistant): {exc}; fix "
+                f"the template"
+            ) from None

@@ -18,14 +18,17 @@ import hashlib
 import logging
 import os
 from functools import partial
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import numpy as np
 import torch
 
 from megatron_danube.config import RunConfig
 from megatron_danube.errors import DanubeConfigError
-from megatron_danube.training.jobs.sft import SFTJob, check_config
+from megatron_danube.training.job import RunContext
+from megatron_danube.training.jobs.registry import JobSpec, register_job
+from megatron_danube.training.jobs.sft import SFTJob, chat_plan
+from megatron_danube.training.plan import Plan
 from megatron_danube.training.preference_loss import (
     DPO_REPORTS,
     dpo_metrics,
@@ -100,14 +103,14 @@ def packed_step(loss, data_iterator, model):
 class DPOJob(SFTJob):
     """The `Job` of DPO: pairs packed as documents, sequence log-probabilities, pair losses."""
 
-    kind = "dpo"
+    name = "dpo"
     report_sizes = DPO_REPORTS
 
-    def __init__(self, cfg: RunConfig, model_cfg, tokenizer, checked=None, inputs=None):
-        super().__init__(cfg, model_cfg, tokenizer, checked, inputs)
-        self.sample_length = self.seq_length // 2  # both sides of a pair share a row
-        self.forward_step = partial(packed_step, partial(_dpo_loss, settings=cfg.dpo))
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
+        self.forward_step = partial(packed_step, partial(_dpo_loss, settings=self.cfg.dpo))
         self.reference = {}
+        self.resumed_key = None  # the reference key the run's own checkpoints recorded
 
     @staticmethod
     def loss(reports: Dict[str, torch.Tensor]) -> float:
@@ -160,15 +163,28 @@ class DPOJob(SFTJob):
         return batch
 
     # ---------------------------------------------------------------------------- reference
-    def reference_key(self) -> str:
-        from megatron_danube.training.checkpointing import resolve_checkpoint
+    def restored(self, saved: dict) -> None:
+        self.resumed_key = saved.get("reference")
 
-        ckpt = resolve_checkpoint(self.cfg.checkpoint.load, "checkpoint.load")
-        with open(os.path.join(ckpt, "manifest.json"), "rb") as f:
+    def reference_key(self) -> str:
+        """The reference model and data, hashed: the start checkpoint's manifest (or, resumed,
+        what the run's own checkpoints recorded, so the start may have been pruned since)."""
+        if self.resumed_key:
+            return self.resumed_key
+        if not hasattr(self, "_reference_key"):
+            self._reference_key = self._start_key()
+        return self._reference_key
+
+    def _start_key(self) -> str:
+        from megatron_danube.training.checkpoint_format import resolve_checkpoint
+
+        # Verified when it was loaded (or converted just now): only its manifest is read here.
+        ckpt = resolve_checkpoint(self.plan.start.checkpoint, "checkpoint.load", verify=False)
+        with open(reference_manifest(ckpt), "rb") as f:
             manifest = f.read()
         return hashlib.sha256(manifest + b"|" + str(self.data_key).encode()).hexdigest()[:24]
 
-    def after_resume(self, trainer) -> None:
+    def after_resume(self, run: RunContext) -> None:
         """Load the reference log-probabilities, or compute them from the starting weights."""
         path = os.path.join(self.cfg.run_dir, REFERENCE_FILE)
         key = self.reference_key()
@@ -176,46 +192,91 @@ class DPOJob(SFTJob):
         sets = [("train", self.train_samples, self._packs(self.train_samples, 1, shuffle=False))]
         if self.valid_samples is not None and len(self.valid_packs):
             sets.append(("valid", self.valid_samples, self.valid_packs))
-        if os.path.exists(path):
-            with np.load(path) as stored:
-                if str(stored["key"]) != key:
-                    raise DanubeConfigError(
-                        f"{path} holds reference log-probabilities of another reference model or "
-                        f"data (hash {stored['key']} != {key}); restore checkpoint.load and "
-                        f"chat files, or start a new run_dir"
-                    )
-                for name, samples, _ in sets:
-                    self.reference[id(samples)] = stored[name]
+        stored = self._stored_reference(path, run)
+        if stored is not None:
+            if str(stored["key"]) != key:
+                raise DanubeConfigError(
+                    f"{path} holds reference log-probabilities of another reference model or "
+                    f"data (hash {stored['key']} != {key}); restore checkpoint.load and "
+                    f"chat files, or start a new run_dir"
+                )
+            for name, samples, _ in sets:
+                self.reference[id(samples)] = stored[name]
             return
-        if trainer.state.iteration > 0:
+        if run.iteration > 0:
             raise DanubeConfigError(
                 f"{path} is missing and the policy has moved from the reference; restore the file "
                 f"or start a new run_dir"
             )
-        arrays = {name: self._reference_logps(trainer, s, p) for name, s, p in sets}
+        arrays = {name: self._reference_logps(run, s, p) for name, s, p in sets}
         for name, samples, _ in sets:
             self.reference[id(samples)] = arrays[name]
-        if trainer.rt.is_main:
+        if run.is_main:
             tmp = f"{path}.tmp.npz"
             np.savez(tmp, key=np.array(key), **arrays)
             os.replace(tmp, path)
         pairs = len(arrays["train"]) // 2
         logger.info("reference log-probabilities of %d training pairs recorded in %s", pairs, path)
 
-    def _reference_logps(self, trainer, samples, packs) -> np.ndarray:
+    @staticmethod
+    def _stored_reference(path: str, run: RunContext):
+        """The arrays of `path` (None: none yet). A damaged file is derived data: recomputed
+        while the weights are still the reference's (iteration 0), else a one-line error."""
+        from megatron_danube.data.chat.dataset import DAMAGED_CACHE
+
+        if not os.path.exists(path):
+            return None
+        try:
+            with np.load(path) as stored:
+                return {name: stored[name] for name in stored.files}
+        except DAMAGED_CACHE as exc:
+            if run.iteration > 0:
+                raise DanubeConfigError(
+                    f"{path} is damaged ({type(exc).__name__}) and the policy has moved from the "
+                    f"reference, so it cannot be recomputed; restore the file or start a new "
+                    f"run_dir"
+                ) from None
+            logger.warning("%s is damaged (%s); recomputing it", path, exc)
+            return None
+
+    def _reference_logps(self, run: RunContext, samples, packs) -> np.ndarray:
         total = len(samples)  # two slots per pair: chosen, rejected
         step = partial(packed_step, partial(_reference_loss, total=total))
         n = self.packs_per_step
         batches = [self._batch(samples, packs[i : i + n]) for i in range(0, len(packs), n)]
-        return trainer.forward_only(batches, step, {"ref": total})["ref"].cpu().numpy()
+        return run.forward_only(batches, step, {"ref": total})["ref"].cpu().numpy()
 
     def state_extra(self, state) -> dict:
         return dict(super().state_extra(state), reference=self.reference_key())
 
 
-def build(cfg: RunConfig) -> Tuple[DPOJob, object]:
-    """(job, model config) after every up-front check."""
-    model_cfg, tokenizer, checked, inputs = check_config(cfg)
-    if cfg.chat.seq_length < 4:
-        raise DanubeConfigError("chat.seq_length must be >= 4 for preference pairs")
-    return DPOJob(cfg, model_cfg, tokenizer, checked, inputs), model_cfg
+def reference_manifest(checkpoint: str) -> str:
+    """The manifest that names DPO's reference model, or a one-line error."""
+    path = os.path.join(checkpoint, "manifest.json")
+    if not os.path.isfile(path):
+        raise DanubeConfigError(
+            f"checkpoint.load: {checkpoint} has no manifest.json, which identifies DPO's "
+            f"reference model; start from a checkpoint written by a run or by danube-convert"
+        )
+    return path
+
+
+def plan(cfg: RunConfig) -> Plan:
+    planned = chat_plan(cfg, pairs=True)
+    start = planned.start
+    if not planned.resumes and not start.convert_from_hf:
+        from megatron_danube.training.checkpoint_format import resolve_checkpoint
+
+        reference_manifest(resolve_checkpoint(start.checkpoint, "checkpoint.load", verify=False))
+    return planned
+
+
+register_job(
+    JobSpec(
+        name="dpo",
+        family="finetune",
+        plan=plan,
+        make=DPOJob,
+        summary="direct preference optimisation on packed pairs, reference from the start",
+    )
+)

@@ -10,70 +10,34 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 
 from megatron_danube.config import RunConfig
 from megatron_danube.errors import DanubeConfigError
-from megatron_danube.training import run_inputs
-from megatron_danube.training.stages import Stage, plan_stages, stage_at
+from megatron_danube.training import preflight, run_inputs
+from megatron_danube.training.job import Job, StepBatch, TrainState
+from megatron_danube.training.jobs.registry import JobSpec, register_job
+from megatron_danube.training.plan import Plan
+from megatron_danube.training.stages import Stage, check_stage_lengths, plan_stages, stage_at
 from megatron_danube.training.step import LM_REPORTS, lm_forward_step, lm_loss
-from megatron_danube.training.trainer import StepBatch, TrainState
 
 logger = logging.getLogger(__name__)
 
 
-def check_run_dir(run_dir: str) -> None:
-    """The run directory can be created and written, before any process group exists."""
-    probe = run_dir
-    while not os.path.exists(probe):
-        probe = os.path.dirname(os.path.abspath(probe))
-    if not os.path.isdir(probe):
-        raise DanubeConfigError(f"run_dir {run_dir}: {probe} is a file; choose another run_dir")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DanubeConfigError(f"run_dir {run_dir}: {probe} is not writable; choose another")
-    ckpts = os.path.join(run_dir, "checkpoints")
-    if os.path.exists(ckpts) and not os.path.isdir(ckpts):
-        raise DanubeConfigError(f"{ckpts} is a file; move it away or choose another run_dir")
-
-
-def load_run_tokenizer(cfg: RunConfig, model, fix: str):
-    """The run's tokenizer, refused (naming `fix`) when it has more tokens than the model."""
-    from megatron_danube.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
-    if tokenizer.vocab_size > model.vocab_size:
-        raise DanubeConfigError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but model {model.name} has vocab "
-            f"{model.vocab_size}; {fix}"
-        )
-    return tokenizer
-
-
-def check_config(cfg: RunConfig):
-    """Everything that can be checked before a process group or any data exists.
-
-    Returns (model config, planned stages, tokenizer, the layout check's answer).
-    """
+def plan(cfg: RunConfig) -> Plan:
+    """Everything checkable before a process group or any data exists, as the run's Plan."""
     from megatron_danube.data.datasets import check_prefixes, parse_blend
-    from megatron_danube.models.presets import get_preset
-    from megatron_danube.runtime.distributed import check_layout
 
-    model = get_preset(cfg.model.preset).replace(**cfg.model.overrides)
-    max_seq = max(stage.seq_length for stage in cfg.stages)
-    checked = check_layout(
-        model,
-        cfg.parallel,
-        spec=cfg.model.spec,
-        device=cfg.train.device,
-        seq_length=max_seq,
-        fp8=cfg.precision.fp8,
+    model = preflight.model_of(cfg)
+    check_stage_lengths(cfg, model)
+    layout, dp = preflight.check_layout_for(
+        cfg, model, max(stage.seq_length for stage in cfg.stages)
     )
-    launch, device_type, _ = checked
-    stages = plan_stages(cfg, cfg.parallel.data_parallel(launch.world_size), max_seq)
-    check_run_dir(cfg.run_dir)
-    tokenizer = load_run_tokenizer(
+    stages = plan_stages(cfg, dp)
+    preflight.check_run_dir(cfg.run_dir)
+    tokenizer = preflight.run_tokenizer(
         cfg, model, "use a matching tokenizer or model.overrides.vocab_size"
     )
     _check_split(cfg.data.split)
@@ -84,19 +48,21 @@ def check_config(cfg: RunConfig):
             list(stage.blend), f"stages[{stage.index}].blend" if own else "data.blend"
         )
         check_prefixes([p for p in prefixes if p not in missing_ok])
-    if not cfg.optim.warmup_tokens < cfg.train.train_tokens:
-        raise DanubeConfigError(
-            f"optim.warmup_tokens {cfg.optim.warmup_tokens} must be below "
-            f"train.train_tokens {cfg.train.train_tokens}"
-        )
-    if cfg.precision.params_dtype == "float16" and device_type != "cuda":
-        raise DanubeConfigError("precision.params_dtype=float16 needs a GPU; use float32 on CPU")
-    if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
-        raise DanubeConfigError(f"checkpoint.load={cfg.checkpoint.load} is not a directory")
+    preflight.check_warmup(cfg, cfg.train.train_tokens, "train.train_tokens")
     inputs = run_inputs.run_inputs(tokenizer)
-    if not run_inputs.check_resume(cfg, inputs):
-        run_inputs.check_start(cfg.checkpoint.load, inputs)
-    return model, stages, tokenizer, checked, inputs
+    resumes, start = preflight.start_point(cfg, inputs, weights_only=False)
+    return Plan(
+        config=cfg,
+        model=model,
+        layout=layout,
+        data_parallel=dp,
+        max_seq_length=max(s.seq_length for s in stages),
+        tokenizer=tokenizer,
+        inputs=inputs,
+        resumes=resumes,
+        start=start,
+        stages=tuple(stages),
+    )
 
 
 def _check_split(split: str) -> None:
@@ -111,32 +77,28 @@ def _check_split(split: str) -> None:
         )
 
 
-class PretrainJob:
+class PretrainJob(Job):
     """The `Job` of pretraining: stage-scheduled GPTDataset batches, mean token loss."""
 
+    name = "pretrain"
     forward_step = staticmethod(lm_forward_step)
     report_sizes = LM_REPORTS
     # Every micro-batch has the same token count: megatron's per-micro-batch mean is exact.
-    transformer_overrides: Dict[str, object] = {}
 
-    def __init__(
-        self, cfg: RunConfig, model_cfg, stages: List[Stage], tokenizer, checked=None, inputs=None
-    ):
-        self.cfg, self.model_cfg, self.stages, self.tokenizer = cfg, model_cfg, stages, tokenizer
-        self.checked_layout = checked  # check_layout's answer, so start-up validates once
-        self.inputs = inputs or {}  # what the run reads, by content (training/run_inputs.py)
-        self.total_tokens = cfg.train.train_tokens
-        self.max_seq_length = max(s.seq_length for s in stages)
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
+        self.model_cfg, self.tokenizer = plan.model, plan.tokenizer
+        self.stages: List[Stage] = list(plan.stages)
         self.current = None
         self.train_ds = self.valid_ds = None
 
-    def setup(self, rt, is_main: bool) -> None:
+    def setup(self, rt) -> None:
         from megatron.core import parallel_state
         from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 
         from megatron_danube.data.demo_corpus import ensure_demo_corpus
 
-        if is_main and self.cfg.data.demo_corpus_prefix:
+        if rt.is_main and self.cfg.data.demo_corpus_prefix:
             ensure_demo_corpus(self.cfg.data.demo_corpus_prefix, self.tokenizer)
         self.rt = rt
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -237,8 +199,23 @@ class PretrainJob:
     def state_extra(self, state: TrainState) -> dict:
         return {"stage": stage_at(self.stages, max(state.consumed_tokens - 1, 0)).index}
 
+    def schedule(self) -> dict:
+        cfg = self.cfg
+        return {
+            "train.train_tokens": cfg.train.train_tokens,
+            "train.global_batch_tokens": cfg.train.global_batch_tokens,
+            "stages": [[s.start_tokens, s.seq_length] for s in cfg.stages],
+            "data.seed": cfg.data.seed,
+            "data.split": cfg.data.split,
+        }
 
-def build(cfg: RunConfig) -> Tuple[PretrainJob, object]:
-    """(job, model config) after every up-front check."""
-    model_cfg, stages, tokenizer, checked, inputs = check_config(cfg)
-    return PretrainJob(cfg, model_cfg, stages, tokenizer, checked, inputs), model_cfg
+
+register_job(
+    JobSpec(
+        name="pretrain",
+        family="pretrain",
+        plan=plan,
+        make=PretrainJob,
+        summary="token stages over indexed corpora, next-token loss",
+    )
+)

@@ -14,9 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import subprocess
-import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -24,32 +22,23 @@ import torch.distributed as dist
 
 from megatron_danube.config import RunConfig
 from megatron_danube.errors import DanubeConfigError
-from megatron_danube.training import run_inputs
+from megatron_danube.training import preflight, run_inputs
+from megatron_danube.training.job import Job, StepBatch, TrainState
+from megatron_danube.training.jobs.registry import JobSpec, register_job
+from megatron_danube.training.plan import ChatData, Plan
 from megatron_danube.training.step import LM_REPORTS, lm_loss, packed_forward_step
-from megatron_danube.training.trainer import StepBatch, TrainState
 
 logger = logging.getLogger(__name__)
 
-HF_BASE_DIR = "base_from_hf"
-CONVERT_TIMEOUT_S = 3600  # a 1.8B model converts in well under a minute
 
-
-def is_hf_model_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.exists(
-        os.path.join(path, "latest")
-    )
-
-
-def check_config(cfg: RunConfig):
-    """Everything checkable before a process group exists: (model, tokenizer, layout answer)."""
+def chat_plan(cfg: RunConfig, *, pairs: bool = False) -> Plan:
+    """The plan of a chat job (`pairs`: DPO, both sides of a pair in one row)."""
     from megatron_danube.data.chat.encoder import chat_backend
     from megatron_danube.data.chat.records import check_files
     from megatron_danube.data.chat.template import ChatTemplate, resolve_template
-    from megatron_danube.models.presets import get_preset
-    from megatron_danube.runtime.distributed import check_layout
-    from megatron_danube.training.jobs.pretrain import check_run_dir, load_run_tokenizer
 
     chat, train = cfg.chat, cfg.train
+    _check_chat_values(cfg, pairs)
     if len(cfg.stages) > 1:
         raise DanubeConfigError(
             "stages schedule pretraining; a fine-tuning run uses chat.seq_length, remove stages"
@@ -60,16 +49,8 @@ def check_config(cfg: RunConfig):
             "chat fine-tuning packs conversations and does not split them over context-parallel "
             "ranks; set parallel.context_parallel=1 (use TP/PP/DP)"
         )
-    model = get_preset(cfg.model.preset).replace(**cfg.model.overrides)
-    checked = check_layout(
-        model,
-        cfg.parallel,
-        spec=cfg.model.spec,
-        device=cfg.train.device,
-        seq_length=chat.seq_length,
-        fp8=cfg.precision.fp8,
-    )
-    dp = cfg.parallel.data_parallel(checked[0].world_size)
+    model = preflight.model_of(cfg)
+    layout, dp = preflight.check_layout_for(cfg, model, chat.seq_length)
     packs_per_step, rem = divmod(train.global_batch_tokens, chat.seq_length)
     if rem or packs_per_step % (dp * train.micro_batch_size):
         raise DanubeConfigError(
@@ -83,107 +64,109 @@ def check_config(cfg: RunConfig):
 
         ensure_demo_chat(chat.demo_dir)
     if not chat.train:
-        raise DanubeConfigError("job: sft needs chat.train (JSONL conversation files)")
-    files = {"chat.train": check_files(chat.train, "chat.train")}
+        raise DanubeConfigError(f"job: {cfg.job} needs chat.train (JSONL files)")
+    files = {"chat.train": tuple(check_files(chat.train, "chat.train"))}
     if chat.valid:
-        files["chat.valid"] = check_files(chat.valid, "chat.valid")
-    if not cfg.checkpoint.load:
-        raise DanubeConfigError(
-            "job: sft starts from trained weights; set checkpoint.load to a run directory, a "
-            "checkpoint, or an HF model directory"
-        )
-    if not os.path.isdir(cfg.checkpoint.load):
-        raise DanubeConfigError(f"checkpoint.load={cfg.checkpoint.load} is not a directory")
-    check_run_dir(cfg.run_dir)
-    tokenizer = load_run_tokenizer(cfg, model, "use the tokenizer the model was trained with")
+        files["chat.valid"] = tuple(check_files(chat.valid, "chat.valid"))
+    preflight.check_run_dir(cfg.run_dir)
+    tokenizer = preflight.run_tokenizer(cfg, model, "use the tokenizer the model was trained with")
     _, special = chat_backend(tokenizer)
     template = resolve_template(chat.template)
-    ChatTemplate(template, special)  # a broken template fails now
+    ChatTemplate(template, special).check()  # a broken template fails now
     inputs = run_inputs.run_inputs(tokenizer, template, files)
-    if not run_inputs.check_resume(cfg, inputs):
-        run_inputs.check_start(cfg.checkpoint.load, inputs)
-    return model, tokenizer, checked, inputs
+    # Fine-tuning starts from weights only: the config says so as it runs (config.yaml).
+    cfg.checkpoint.load_optimizer = False
+    resumes, start = preflight.start_point(
+        cfg,
+        inputs,
+        weights_only=True,
+        required=f"job: {cfg.job} starts from trained weights; set checkpoint.load to a run "
+        f"directory, a checkpoint, or an HF model directory",
+    )
+    return Plan(
+        config=cfg,
+        model=model,
+        layout=layout,
+        data_parallel=dp,
+        max_seq_length=chat.seq_length,  # RoPE positions restart per conversation
+        tokenizer=tokenizer,
+        inputs=inputs,
+        resumes=resumes,
+        start=start,
+        chat=ChatData(
+            seq_length=chat.seq_length,
+            sample_length=chat.seq_length // 2 if pairs else chat.seq_length,
+            packs_per_step=packs_per_step,
+            template=template,
+            files=files,
+        ),
+    )
 
 
-def hf_start_dir(hf_dir: str, run_dir: str) -> str:
-    """Where the run keeps its conversion of `hf_dir`: named by the source's path and files
-    (name, size, modification time), so other or changed weights are converted afresh."""
-    import hashlib
-
-    digest = hashlib.sha256(os.path.abspath(hf_dir).encode())
-    for name in sorted(os.listdir(hf_dir)):
-        info = os.stat(os.path.join(hf_dir, name))
-        digest.update(f"|{name}:{info.st_size}:{info.st_mtime_ns}".encode())
-    return os.path.join(run_dir, f"{HF_BASE_DIR}-{digest.hexdigest()[:12]}")
-
-
-def convert_hf_start(hf_dir: str, run_dir: str) -> str:
-    """The HF model as a checkpoint under the run dir, converted once (by the caller's rank)."""
-    from megatron_danube.runtime.distributed import launcher_free_env
-
-    out = hf_start_dir(hf_dir, run_dir)
-    if os.path.exists(os.path.join(out, "manifest.json")):
-        return out
-    logger.info("converting the HF model %s to %s (once)", hf_dir, out)
-    env = launcher_free_env()
-    # A separate process: the converter runs its own one-rank process group.
-    cmd = [sys.executable, "-m", "megatron_danube.cli.convert", "--to", "mcore"]
-    try:
-        proc = subprocess.run(
-            cmd + ["--load", hf_dir, "--save", out],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=CONVERT_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        raise DanubeConfigError(
-            f"converting {hf_dir} took over {CONVERT_TIMEOUT_S} s; convert it first with "
-            f"danube-convert --to mcore and set checkpoint.load to the result"
-        ) from None
-    if proc.returncode != 0:
-        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
-        reason = (errors or proc.stderr.strip().splitlines() or ["no output"])[-1].strip()
-        raise DanubeConfigError(f"converting {hf_dir} failed (exit {proc.returncode}): {reason}")
-    return out
+def _check_chat_values(cfg: RunConfig, pairs: bool) -> None:
+    """Ranges of the chat (and with `pairs` the DPO) settings, for the jobs that read them."""
+    chat, dpo = cfg.chat, cfg.dpo
+    least = 4 if pairs else 1  # a pair needs two sides of a prompt token and an answer token
+    checks = [
+        (chat.seq_length >= least, f"chat.seq_length={chat.seq_length}; it must be >= {least}"),
+        (chat.epochs >= 1, f"chat.epochs={chat.epochs}; it must be >= 1"),
+        (
+            0 <= chat.valid_fraction < 1,
+            f"chat.valid_fraction={chat.valid_fraction}; it must be in [0, 1)",
+        ),
+    ]
+    if pairs:
+        checks += [
+            (dpo.beta > 0, f"dpo.beta={dpo.beta}; it must be > 0"),
+            (
+                0 <= dpo.label_smoothing < 0.5,
+                f"dpo.label_smoothing={dpo.label_smoothing}; it must be in [0, 0.5)",
+            ),
+            (dpo.sft_weight >= 0, f"dpo.sft_weight={dpo.sft_weight}; it must be >= 0"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise DanubeConfigError(message)
 
 
-class SFTJob:
+class SFTJob(Job):
     """The `Job` of chat fine-tuning."""
 
-    kind = "sft"  # what the data files hold: conversations
+    name = "sft"  # also what the data files hold: conversations
     forward_step = staticmethod(packed_forward_step)
     report_sizes = LM_REPORTS
     transformer_overrides: Dict[str, object] = {"calculate_per_token_loss": True}
     loss = staticmethod(lm_loss)
 
-    def __init__(self, cfg: RunConfig, model_cfg, tokenizer, checked=None, inputs=None):
-        self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
-        self.checked_layout = checked
-        self.inputs = inputs or {}  # what the run reads, by content (training/run_inputs.py)
-        self.seq_length = cfg.chat.seq_length
-        self.max_seq_length = self.seq_length  # RoPE positions restart per conversation
-        self.packs_per_step = cfg.train.global_batch_tokens // self.seq_length
-        self.sample_length = self.seq_length  # the longest sample a row takes
-        self.total_tokens = 0  # known once the data is read (setup)
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
+        self.model_cfg, self.tokenizer = plan.model, plan.tokenizer
+        self.seq_length = plan.chat.seq_length
+        self.packs_per_step = plan.chat.packs_per_step
+        self.sample_length = plan.chat.sample_length
+        self.template = plan.chat.template
+        self._total_tokens = 0  # known once the data is read (setup)
+
+    @property
+    def total_tokens(self) -> int:
+        return self._total_tokens
 
     # ------------------------------------------------------------------------------ data
-    def setup(self, rt, is_main: bool) -> None:
+    def setup(self, rt) -> None:
         from megatron.core import parallel_state
         from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 
         self.rt = rt
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        self._start_weights(is_main)
-        self.train_samples, self.valid_samples, self.data_key = self._read_data(is_main)
+        self.train_samples, self.valid_samples, self.data_key = self._read_data(rt.is_main)
         self.train_packs = self._packs(self.train_samples, self.cfg.chat.epochs, shuffle=True)
         self.valid_packs = self._packs(self.valid_samples, 1, shuffle=False)
         steps = math.ceil(len(self.train_packs) / self.packs_per_step)
-        self.total_tokens = steps * self.cfg.train.global_batch_tokens
-        if self.cfg.optim.warmup_tokens >= self.total_tokens:
+        self._total_tokens = steps * self.cfg.train.global_batch_tokens
+        if self.cfg.optim.warmup_tokens >= self._total_tokens:
             raise DanubeConfigError(
                 f"optim.warmup_tokens {self.cfg.optim.warmup_tokens} must be below the run's "
-                f"{self.total_tokens} tokens ({steps} steps of {self.packs_per_step} packs)"
+                f"{self._total_tokens} tokens ({steps} steps of {self.packs_per_step} packs)"
             )
         self._log_plan(steps)
         init_num_microbatches_calculator(
@@ -195,51 +178,35 @@ class SFTJob:
             decrease_batch_size_if_needed=False,
         )
 
-    def _start_weights(self, is_main: bool) -> None:
-        load = self.cfg.checkpoint.load
-        self.cfg.checkpoint.load_optimizer = False  # fine-tuning starts from weights only
-        if not is_hf_model_dir(load):
-            return
-        problem = None
-        if is_main:
-            try:
-                convert_hf_start(load, self.cfg.run_dir)
-            except DanubeConfigError as exc:
-                problem = str(exc)
-        from megatron_danube.runtime.distributed import raise_rank0_problem
-
-        raise_rank0_problem(problem)
-        self.cfg.checkpoint.load = hf_start_dir(load, self.cfg.run_dir)
-
     def _read_data(self, is_main: bool):
         from megatron_danube.data.chat.dataset import describe, load_or_build
         from megatron_danube.data.chat.encoder import ChatEncoder
-        from megatron_danube.data.chat.records import check_files
-        from megatron_danube.data.chat.template import resolve_template
 
         chat = self.cfg.chat
-        self.template = resolve_template(chat.template)
         encoder = ChatEncoder(self.tokenizer, self.template, self.sample_length, chat.truncation)
         cache_dir = os.path.join(self.cfg.run_dir, "data_cache")
-        sets = {"train": check_files(chat.train, "chat.train")}
-        if chat.valid:
-            sets["valid"] = check_files(chat.valid, "chat.valid")
+        files = self.plan.chat.files
+        sets = {"train": list(files["chat.train"])}
+        if "chat.valid" in files:
+            sets["valid"] = list(files["chat.valid"])
         loaded, keys = {}, {}
         for build in (True, False):  # rank 0 builds the caches, then every rank reads them
             if build == is_main:
                 for name, paths in sets.items():
                     loaded[name], path = load_or_build(
-                        paths, encoder, cache_dir, name, build, kind=self.kind
+                        paths, encoder, cache_dir, name, build, kind=self.name
                     )
                     keys[name] = os.path.basename(path)
             dist.barrier()
         for name, samples in loaded.items():
             log = logger.warning if samples.stats.get("bad_records") else logger.info
             log("chat %s data: %s", name, describe(samples.stats))
-        train = loaded["train"]
-        if len(train) == 0:
-            raise DanubeConfigError(f"chat.train has no usable sample ({describe(train.stats)})")
-        valid = loaded.get("valid")
+        for name, samples in loaded.items():  # a file given to read must have rows to read
+            if len(samples) == 0:
+                raise DanubeConfigError(
+                    f"chat.{name} has no usable sample ({describe(samples.stats)})"
+                )
+        train, valid = loaded["train"], loaded.get("valid")
         if valid is None and chat.valid_fraction > 0:
             valid, train = self._hold_out(train, chat.valid_fraction)
         # Names every tokenized set the run reads (DPO keys its reference log-probs by it).
@@ -281,7 +248,7 @@ class SFTJob:
         logger.info(
             "%s plan: %d packs of %d tokens (%.1f%% filled) over %d epoch(s) -> %d steps of "
             "%d packs; %d validation packs",
-            self.kind,
+            self.name,
             len(self.train_packs),
             self.seq_length,
             100.0 * used / max(capacity, 1),
@@ -335,10 +302,27 @@ class SFTJob:
 
     def state_extra(self, state: TrainState) -> dict:
         # The export writes this template into tokenizer_config.json (danube-convert --to hf).
-        return {"job": self.kind, "chat_data": self.data_key, "chat_template": self.template}
+        return {"job": self.name, "chat_data": self.data_key, "chat_template": self.template}
+
+    def schedule(self) -> dict:
+        chat = self.cfg.chat
+        return {
+            "job": self.name,
+            "train.global_batch_tokens": self.cfg.train.global_batch_tokens,
+            "chat.seq_length": chat.seq_length,
+            "chat.epochs": chat.epochs,
+            "chat.pack": chat.pack,
+            "chat.train": list(chat.train),
+            "data.seed": self.cfg.data.seed,
+        }
 
 
-def build(cfg: RunConfig) -> Tuple[SFTJob, object]:
-    """(job, model config) after every up-front check."""
-    model_cfg, tokenizer, checked, inputs = check_config(cfg)
-    return SFTJob(cfg, model_cfg, tokenizer, checked, inputs), model_cfg
+register_job(
+    JobSpec(
+        name="sft",
+        family="finetune",
+        plan=chat_plan,
+        make=SFTJob,
+        summary="chat fine-tuning on packed conversations, loss on the answers",
+    )
+)

@@ -1,0 +1,127 @@
+"""One preflight: a config checked once, before any process group or data exists, into a Plan.
+
+`build_plan(cfg)` looks the job up in the registry and runs its `plan`, which calls the shared
+checks below (model, layout, run directory, tokenizer, start point) in the order its derived
+values need them. Every failure is a one-line `DanubeConfigError` naming the problem and the
+fix; nothing is written before the plan exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from typing import Dict, Optional, Tuple
+
+from megatron_danube.config import RunConfig
+from megatron_danube.errors import DanubeConfigError
+from megatron_danube.training import run_inputs
+from megatron_danube.training.plan import Plan, StartPoint
+
+HF_BASE_DIR = "base_from_hf"
+
+
+def build_plan(cfg: RunConfig) -> Plan:
+    """The frozen plan of `cfg`'s job; `cfg` itself is left as it was."""
+    from megatron_danube.training.jobs.registry import get_job
+
+    return get_job(cfg.job).plan(copy.deepcopy(cfg))
+
+
+def model_of(cfg: RunConfig):
+    """The preset with `model.overrides` applied."""
+    from megatron_danube.models.presets import get_preset
+
+    return get_preset(cfg.model.preset).replace(**cfg.model.overrides)
+
+
+def check_layout_for(cfg: RunConfig, model, seq_length: int) -> Tuple[tuple, int]:
+    """(check_layout's answer, data-parallel size) for the launch this process is part of."""
+    from megatron_danube.runtime.distributed import check_layout
+
+    layout = check_layout(
+        model,
+        cfg.parallel,
+        spec=cfg.model.spec,
+        device=cfg.train.device,
+        seq_length=seq_length,
+        fp8=cfg.precision.fp8,
+    )
+    if cfg.precision.params_dtype == "float16" and layout[1] != "cuda":
+        raise DanubeConfigError("precision.params_dtype=float16 needs a GPU; use float32 on CPU")
+    return layout, cfg.parallel.data_parallel(layout[0].world_size)
+
+
+def check_run_dir(run_dir: str) -> None:
+    """The run directory can be created and written."""
+    probe = run_dir
+    while not os.path.exists(probe):
+        probe = os.path.dirname(os.path.abspath(probe))
+    if not os.path.isdir(probe):
+        raise DanubeConfigError(f"run_dir {run_dir}: {probe} is a file; choose another run_dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DanubeConfigError(f"run_dir {run_dir}: {probe} is not writable; choose another")
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if os.path.exists(ckpts) and not os.path.isdir(ckpts):
+        raise DanubeConfigError(f"{ckpts} is a file; move it away or choose another run_dir")
+
+
+def run_tokenizer(cfg: RunConfig, model, fix: str):
+    """The run's tokenizer, refused (naming `fix`) when it has more tokens than the model."""
+    from megatron_danube.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise DanubeConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but model {model.name} has vocab "
+            f"{model.vocab_size}; {fix}"
+        )
+    return tokenizer
+
+
+def is_hf_model_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.exists(
+        os.path.join(path, "latest")
+    )
+
+
+def hf_start_dir(hf_dir: str, run_dir: str) -> str:
+    """Where a run keeps its conversion of `hf_dir`: named by the source's path and files
+    (name, size, modification time), so other or changed weights are converted afresh."""
+    digest = hashlib.sha256(os.path.abspath(hf_dir).encode())
+    for name in sorted(os.listdir(hf_dir)):
+        info = os.stat(os.path.join(hf_dir, name))
+        digest.update(f"|{name}:{info.st_size}:{info.st_mtime_ns}".encode())
+    return os.path.join(run_dir, f"{HF_BASE_DIR}-{digest.hexdigest()[:12]}")
+
+
+def start_point(
+    cfg: RunConfig, inputs: Dict[str, str], *, weights_only: bool, required: Optional[str] = None
+) -> Tuple[bool, StartPoint]:
+    """(whether the run resumes its own checkpoints, where a fresh run's weights come from).
+
+    A run with checkpoints of its own resumes from them alone: `checkpoint.load` is then not
+    read (it may have been moved or pruned since). Otherwise `checkpoint.load` must exist, be
+    trained with this run's tokenizer, and (with `required`, the job's reason) be set.
+    """
+    load, verify = cfg.checkpoint.load, cfg.checkpoint.verify
+    load_optimizer = cfg.checkpoint.load_optimizer and not weights_only
+    if run_inputs.check_resume(cfg, inputs):
+        return True, StartPoint(load, load_optimizer, verify)
+    if not load:
+        if required:
+            raise DanubeConfigError(required)
+        return False, StartPoint(None, False, verify)
+    if not os.path.isdir(load):
+        raise DanubeConfigError(f"checkpoint.load={load} is not a directory")
+    run_inputs.check_start(load, inputs)
+    if is_hf_model_dir(load):
+        return False, StartPoint(hf_start_dir(load, cfg.run_dir), False, True, load)
+    return False, StartPoint(load, load_optimizer, verify)
+
+
+def check_warmup(cfg: RunConfig, total_tokens: int, what: str) -> None:
+    if not cfg.optim.warmup_tokens < total_tokens:
+        raise DanubeConfigError(
+            f"optim.warmup_tokens {cfg.optim.warmup_tokens} must be below {what} {total_tokens}"
+        )
