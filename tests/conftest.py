@@ -1,6 +1,4 @@
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -30,24 +28,6 @@ def wait_for(predicate, timeout, what, interval=0.05):
             return
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def torchrun(script, *args, nproc=2, timeout=900, env=None):
-    """Launch `script` under torchrun on this machine; return the CompletedProcess."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}",
-        script,
-        *map(str, args),
-    ]
-    full_env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    full_env.update(env or {})
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
-    )
 
 
 @pytest.fixture(scope="session")

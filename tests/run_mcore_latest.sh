@@ -75,12 +75,23 @@ step "fast tier"
 "$PY" -m pytest -q -rs -m "not slow" "$@"
 
 step "parity, resume, checkpoints (both releases), conversion"
+# What the release can change: parity, exact resume, async and signal-time saves (megatron's
+# writer helpers), skipped steps, checkpoints across releases, conversion. The launcher's own
+# signal handling and the pipeline-layout resume (parity covers PP) run on python3 only.
+RESUME=tests/training/test_pretrain_resume.py
 "$PY" -m pytest -q -rs -m slow "$@" \
     tests/parallel \
-    tests/training/test_pretrain_resume.py \
+    "$RESUME" \
     tests/training/test_checkpointing.py \
     tests/training/test_checkpoint_cross_version.py \
-    tests/tools/test_convert_checkpoint.py
+    tests/tools/test_convert_checkpoint.py \
+    --deselect "$RESUME::test_resume_pp2_dp2_is_bitwise_identical" \
+    --deselect "$RESUME::test_sigterm_to_the_launcher_saves[torch.distributed.run-1]" \
+    --deselect "$RESUME::test_a_second_sigterm_to_danube_launch_stops_now_without_a_traceback" \
+    --deselect "$RESUME::test_sigterm_in_the_first_second_is_honoured" \
+    --deselect "$RESUME::test_checkpoint_on_sigterm_saves_exits_zero_and_resumes" \
+    --deselect "$RESUME::test_rerunning_a_finished_run_says_so_and_records_nothing_twice" \
+    --deselect "$RESUME::test_checkpoint_killed_mid_save_leaves_previous_latest_loadable"
 
 step "the README's demo, export and comparison"
 demo=$(mktemp -d)

@@ -2,12 +2,11 @@
 mistakes a newcomer makes."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import REPO
+from tests.launch import DANUBE_LAUNCH, launch
 
 
 def test_pretrain_without_config_names_the_missing_flag(capsys):
@@ -77,24 +76,14 @@ def test_convert_to_hf_from_an_hf_directory_suggests_to_mcore(tmp_path, capsys):
 
 @pytest.mark.slow  # launches 2 processes
 def test_launch_with_a_bad_config_prints_one_line_and_exits_2(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_danube.cli.launch",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "megatron_danube.pretrain",
-            "--config",
-            os.path.join(REPO, "examples", "configs", "danube-tiny-cpu.yaml"),
-            f"run_dir={tmp_path / 'run'}",
-            "train.micro_batch_sise=3",
-        ],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=REPO),
-        capture_output=True,
-        text=True,
+    proc = launch(
+        "megatron_danube.pretrain",
+        "--config",
+        os.path.join(REPO, "examples", "configs", "danube-tiny-cpu.yaml"),
+        f"run_dir={tmp_path / 'run'}",
+        "train.micro_batch_sise=3",
+        nproc=2,
+        launcher=DANUBE_LAUNCH,
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]

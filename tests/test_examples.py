@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.training.conftest import run_pretrain, train_losses
+from tests.launch import launch, run_pretrain
+from tests.training.conftest import train_losses
 
 pytestmark = pytest.mark.slow  # launches training processes
 
@@ -157,12 +158,13 @@ def test_examples_continue_from_hf_then_convert_to_hf(tmp_path, corpus):
         ("examples/configs/danube-1.8b-sft.yaml", "train.jsonl"),
         ("examples/configs/danube-1.8b-dpo.yaml", "pairs_train.jsonl"),
         ("examples/configs/danube-1.8b-dpo2.yaml", "pairs_train.jsonl"),
+        ("examples/configs/danube-1.8b-sft-lora.yaml", "train.jsonl"),
+        ("examples/configs/danube-1.8b-dpo-lora.yaml", "pairs_train.jsonl"),
     ],
 )
 def test_example_chat_configs_at_tiny_scale(tmp_path, config, data):
     """The 1.8b SFT and DPO recipes with a tiny model, the demo chat data, 2 steps."""
     import json
-    import sys
 
     from megatron_danube.data.demo_chat import ensure_demo_chat
     from tests.training.test_dpo import hf_model
@@ -172,8 +174,9 @@ def test_example_chat_configs_at_tiny_scale(tmp_path, config, data):
     (tmp_path / "small.jsonl").write_text("\n".join(records) + "\n")
     start = hf_model(tmp_path / "start", seed=0)
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "megatron_danube.finetune", "--config", config]
-    args += [
+    args = [
+        "--config",
+        config,
         *TINY_MODEL,
         f"run_dir={run_dir}",
         "data.tokenizer=mistral-v1",
@@ -185,8 +188,6 @@ def test_example_chat_configs_at_tiny_scale(tmp_path, config, data):
         "train.exit_after_steps=2",
         "logging.eval_at_start=false",
     ]
-    env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch("megatron_danube.finetune", *args, check=True)
     steps = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["iteration"] for r in steps if "loss" in r][-1] == 2

@@ -20,9 +20,10 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--to",
         required=True,
-        choices=["hf", "mcore"],
-        help="hf: a megatron_danube run or checkpoint to an HF directory; mcore: an HF "
-        "directory to a checkpoint the trainer starts from",
+        choices=["hf", "hf-peft", "mcore"],
+        help="hf: a megatron_danube run or checkpoint to an HF directory; hf-peft: a LoRA "
+        "run's adapter alone, as HF PEFT writes it; mcore: an HF directory to a checkpoint "
+        "the trainer starts from",
     )
     p.add_argument("--load", required=True, help="megatron run/checkpoint dir, or HF model dir")
     p.add_argument("--save", required=True, help="output directory (new or empty)")
@@ -44,6 +45,11 @@ def add_arguments(p) -> None:
         "fine-tuning run recorded, none for pretraining runs",
     )
     p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="--to hf: merge a LoRA run's adapters into the weights (W + alpha/r * B A)",
+    )
+    p.add_argument(
         "--model-preset",
         default=None,
         help="--to hf: the model preset, for checkpoints that do not record it",
@@ -55,16 +61,18 @@ def convert(args) -> int:
 
     prepare_output(args.save)  # refuse a non-empty or unwritable --save before any work
     try:
-        if args.to == "hf":
+        if args.to in ("hf", "hf-peft"):
             from megatron_danube.convert.hf_export import to_hf
 
             out = to_hf(
                 args.load,
                 args.save,
-                args.dtype or "bfloat16",
+                args.dtype or ("float32" if args.to == "hf-peft" else "bfloat16"),
                 args.model_preset,
                 tokenizer=args.tokenizer,
                 chat_template=args.chat_template,
+                merge_lora=args.merge_lora,
+                peft=args.to == "hf-peft",
             )
         else:
             from megatron_danube.convert.hf_import import to_mcore

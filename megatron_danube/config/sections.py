@@ -218,9 +218,29 @@ class DpoSection:
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     """`sigmoid` (DPO), `ipo` (length-normalised, as TRL) or `hinge` (SLiC)."""
     label_smoothing: float = 0.0
-    """sigmoid only: the assumed share of flipped preference labels (conservative DPO)."""
+    """sigmoid only: the assumed share of flipped labels (conservative DPO; TRL 1.16 ignores it)."""
     sft_weight: float = 0.0
     """Weight of an added NLL term on the chosen completion (mean per token, per pair)."""
+
+
+@dataclass
+class PeftSection:
+    """Parameter-efficient fine-tuning (`job: sft`, `job: dpo`): LoRA adapters, base frozen."""
+
+    method: Optional[Literal["lora"]] = None
+    """`lora`: train adapters on the projections only; null: train every weight."""
+    rank: int = 8
+    """LoRA rank r (the Danube report's first DPO stage used 4)."""
+    alpha: float = 16.0
+    """LoRA alpha; the adapters' output is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training."""
+    target_modules: List[str] = field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    )
+    """megatron layers (`linear_qkv`, ...) or HF projections (`q_proj`, `gate_proj`, ...)."""
+    exclude_modules: List[str] = field(default_factory=list)
+    """Layers or projections taken out of `target_modules`."""
 
 
 @dataclass
@@ -266,6 +286,8 @@ class RunConfig:
     """Chat fine-tuning data (`job: sft` conversations, `job: dpo` preference pairs)."""
     dpo: DpoSection = field(default_factory=DpoSection)
     """DPO loss settings (`job: dpo`)."""
+    peft: PeftSection = field(default_factory=PeftSection)
+    """LoRA adapters for the fine-tuning jobs (`job: sft`, `job: dpo`)."""
     train: TrainSection = field(default_factory=TrainSection)
     """Length, batch and device."""
     optim: OptimSection = field(default_factory=OptimSection)

@@ -94,9 +94,11 @@ def load_megatron_weights(ckpt: str, model_cfg) -> Dict[str, torch.Tensor]:
         if k in request
     }
     from megatron_danube.models.hf_adapter import check_mcore_shapes
+    from megatron_danube.models.lora import is_adapter_name
 
     weights = unstack_layers(weights, model_cfg.num_layers)
-    check_mcore_shapes(weights, model_cfg, ckpt)
+    base = {k: v for k, v in weights.items() if not is_adapter_name(k)}
+    check_mcore_shapes(base, model_cfg, ckpt)  # LoRA adapters (if any) are checked on use
     return weights
 
 

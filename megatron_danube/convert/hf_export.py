@@ -55,11 +55,14 @@ def to_hf(
     max_shard_bytes: int = 5 * 2**30,
     tokenizer: Optional[str] = None,
     chat_template: Optional[str] = None,
+    merge_lora: bool = False,
+    peft: bool = False,
 ) -> str:
     """Write the HF directory; `chat_template` (a name, file or text) defaults to the one a
-    fine-tuning run recorded, so chat models export ready for `apply_chat_template`."""
-    from safetensors.torch import save_file
-
+    fine-tuning run recorded, so chat models export ready for `apply_chat_template`. A LoRA
+    run's adapters are merged into the weights (`merge_lora`) or written alone as a PEFT
+    adapter (`peft`)."""
+    from megatron_danube.convert import lora_export
     from megatron_danube.models.hf_adapter import hf_config_dict, iter_mcore_to_hf
 
     if dtype not in DTYPES:
@@ -73,6 +76,7 @@ def to_hf(
         )
     ckpt = resolve_checkpoint(load)
     state = read_state(ckpt)
+    lora = lora_export.lora_of(state, ckpt, merge=merge_lora, peft=peft)
     model_cfg = model_config_of(state, preset)
     if tokenizer is not None:
         tok = run_tokenizer(tokenizer, None)
@@ -98,6 +102,38 @@ def to_hf(
     prepare_output(save)
     weights = load_megatron_weights(ckpt, model_cfg)
     target = DTYPES[dtype]
+    adapters = lora_export.split_adapters(weights)
+    if adapters and lora is None:
+        raise DanubeConfigError(f"{ckpt} holds LoRA adapters but no record of their settings")
+    if peft:
+        base = state.get("lora", {}).get("base") or ""
+        lora_export.write_peft_adapter(adapters, lora, save, base, target)
+        if tok is not None:
+            _save_tokenizer(tok, save, chat_template, model_cfg)
+        return save
+    tensors = iter_mcore_to_hf(weights, model_cfg)
+    if adapters:
+        tensors = lora_export.merged(tensors, adapters, lora)
+
+    _write_shards(tensors, save, target, max_shard_bytes)
+    leftover = [k for k in weights if not k.endswith("_extra_state")]
+    if leftover:
+        raise DanubeConfigError(f"checkpoint tensors with no HF counterpart: {leftover[:4]}")
+    with open(os.path.join(save, "config.json"), "w") as f:
+        json.dump(hf_config_dict(model_cfg, dtype), f, indent=1)
+    gen = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}
+    if tok is not None:
+        _save_tokenizer(tok, save, chat_template, model_cfg)
+        gen.update(bos_token_id=tok.bos, eos_token_id=tok.eod)
+    with open(os.path.join(save, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=1)
+    return save
+
+
+def _write_shards(tensors, save: str, target, max_shard_bytes: int) -> None:
+    """Stream (name, tensor) into safetensors shards of at most `max_shard_bytes`, named as
+    HF names them (with an index when there is more than one)."""
+    from safetensors.torch import save_file
 
     shard, shard_bytes, shards, weight_map, total = {}, 0, [], {}, 0
 
@@ -109,7 +145,7 @@ def to_hf(
             shards.append((name, list(shard)))
         shard, shard_bytes = {}, 0
 
-    for name, tensor in iter_mcore_to_hf(weights, model_cfg):
+    for name, tensor in tensors:
         tensor = tensor.to(target).contiguous()
         size = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + size > max_shard_bytes:
@@ -118,9 +154,6 @@ def to_hf(
         shard_bytes += size
         total += size
     flush()
-    leftover = [k for k in weights if not k.endswith("_extra_state")]
-    if leftover:
-        raise DanubeConfigError(f"checkpoint tensors with no HF counterpart: {leftover[:4]}")
     n = len(shards)
     for i, (tmp_name, names) in enumerate(shards):
         final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
@@ -129,22 +162,14 @@ def to_hf(
     if n > 1:
         with open(os.path.join(save, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-    with open(os.path.join(save, "config.json"), "w") as f:
-        json.dump(hf_config_dict(model_cfg, dtype), f, indent=1)
-    gen = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}
-    if tok is not None:
-        from megatron_danube.data.hf_tokenizer import save_hf_tokenizer
 
-        save_hf_tokenizer(
-            tok,
-            save,
-            chat_template=chat_template,
-            model_max_length=model_cfg.max_position_embeddings,
-        )
-        gen.update(bos_token_id=tok.bos, eos_token_id=tok.eod)
-    with open(os.path.join(save, "generation_config.json"), "w") as f:
-        json.dump(gen, f, indent=1)
-    return save
+
+def _save_tokenizer(tok, save: str, chat_template, model_cfg) -> None:
+    from megatron_danube.data.hf_tokenizer import save_hf_tokenizer
+
+    save_hf_tokenizer(
+        tok, save, chat_template=chat_template, model_max_length=model_cfg.max_position_embeddings
+    )
 
 
 def prepare_output(save: str) -> None:

@@ -65,11 +65,14 @@ def load_full_weights(chunks: List[torch.nn.Module], full: Dict[str, torch.Tenso
 
 
 def local_slices(
-    chunks: List[torch.nn.Module], full: Dict[str, torch.Tensor], gated=True
+    chunks: List[torch.nn.Module], full: Dict[str, torch.Tensor], gated=True, partial=False
 ) -> Iterator[Tuple[str, torch.nn.Parameter, torch.Tensor]]:
-    """(global name, local parameter, this rank's slice of the full tensor) for every parameter."""
+    """(global name, local parameter, this rank's slice of the full tensor) for every parameter
+    (`partial`: for those `full` has, e.g. only the trained ones)."""
     for chunk in chunks:
         for _, name, param in _global_names(chunk):
+            if partial and name not in full:
+                continue
             yield name, param, shard_for_this_rank(name, full[name], param, gated)
 
 

@@ -206,5 +206,6 @@ def resolve_checkpoint(path: str, what: str = "--load", verify: bool = True) -> 
             if found:
                 return found
     raise DanubeConfigError(
-        f"{what} {path}: not a megatron_danube checkpoint (no {STATE_FILE}, no latest pointer)"
+        f"{what} {path}: not a megatron_danube checkpoint (no {STATE_FILE}, no latest "
+        f"pointer); give a run directory, a checkpoint, or an HF model directory"
     )

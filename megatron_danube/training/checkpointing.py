@@ -211,11 +211,14 @@ class CheckpointManager:
         load_optimizer: bool = True,
         verify: bool = False,
         before_load: Optional[Callable[[dict], None]] = None,
+        absent: Optional[Callable[[str], bool]] = None,
     ) -> dict:
         """Load weights (and optimizer and RNG where asked and possible); returns the state.
 
         `verify` checks the manifest first (`latest()` has already done so for its answer);
-        `before_load(state)` may refuse the checkpoint before any tensor is read.
+        `before_load(state)` may refuse the checkpoint before any tensor is read; parameters
+        whose names `absent` accepts are not in the checkpoint and keep their values (a start
+        checkpoint has no LoRA adapters).
         """
         state = read_train_state(path)
         if before_load is not None:
@@ -226,6 +229,11 @@ class CheckpointManager:
                 raise DanubeConfigError(f"checkpoint {path} is damaged: {problem}")
         compat.check_readable(path, state)
         sharded = model_sharded_state_dict(chunks)
+        if absent is not None:
+            sharded = {
+                key: {name: t for name, t in part.items() if not absent(name)}
+                for key, part in sharded.items()
+            }
         if load_optimizer and optimizer is not None:
             ensure_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(
@@ -242,7 +250,14 @@ class CheckpointManager:
                 f"{str(exc).splitlines()[0] if str(exc) else ''}"
             ) from exc
         for i, chunk in enumerate(chunks):
-            getattr(chunk, "module", chunk).load_state_dict(loaded[model_key(i, len(chunks))])
+            module = getattr(chunk, "module", chunk)
+            result = module.load_state_dict(loaded[model_key(i, len(chunks))], strict=False)
+            missing = [k for k in result.missing_keys if absent is None or not absent(k)]
+            if missing or result.unexpected_keys:
+                raise DanubeConfigError(
+                    f"checkpoint {path} does not fit the model: missing {missing[:3]}, "
+                    f"unexpected {result.unexpected_keys[:3]}"
+                )
         if load_optimizer and optimizer is not None:
             load_optimizer_state(optimizer, loaded["optimizer"])
         if same_layout and "rng_state" in loaded:

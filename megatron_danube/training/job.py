@@ -88,6 +88,11 @@ class Job:
         with `requires_grad=False` afterwards do not train and get no optimizer state."""
         return chunks
 
+    def absent_from_start(self, name: str) -> bool:
+        """Whether parameter `name` is one the start checkpoint cannot hold (it keeps its
+        initial value; e.g. LoRA adapters)."""
+        return False
+
     # ---------------------------------------------------------------------------- data
     def setup(self, rt) -> None:
         """Prepare data; called once on every rank after the process group exists."""

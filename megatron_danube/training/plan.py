@@ -69,6 +69,8 @@ class Plan:
     """Pretraining: the planned stages (training/stages.py)."""
     chat: Optional[ChatData] = None
     """Chat jobs: lengths, packs per step, template and files."""
+    lora: Optional[object] = None
+    """LoRA's resolved settings (models/lora.py LoraSettings); None: every weight trains."""
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
@@ -89,6 +91,9 @@ class Plan:
         ]
         if self.chat:
             parts.append(f"{self.chat.packs_per_step} packs/step")
+        if self.lora:
+            targets = ",".join(p for projs in self.lora.targets.values() for p in projs)
+            parts.append(f"LoRA r={self.lora.rank} alpha={self.lora.alpha:g} on {targets}")
         if self.resumes:
             parts.append("resumes its own checkpoints")
         elif self.start.convert_from_hf:

@@ -107,6 +107,8 @@ def start_point(
     load, verify = cfg.checkpoint.load, cfg.checkpoint.verify
     load_optimizer = cfg.checkpoint.load_optimizer and not weights_only
     if run_inputs.check_resume(cfg, inputs):
+        if load and os.path.isdir(load) and is_hf_model_dir(load):  # named as a fresh run would
+            return True, StartPoint(hf_start_dir(load, cfg.run_dir), False, True, load)
         return True, StartPoint(load, load_optimizer, verify)
     if not load:
         if required:
@@ -117,7 +119,27 @@ def start_point(
     run_inputs.check_start(load, inputs)
     if is_hf_model_dir(load):
         return False, StartPoint(hf_start_dir(load, cfg.run_dir), False, True, load)
+    from megatron_danube.training.checkpoint_format import resolve_checkpoint
+
+    # That it names a checkpoint, now; its CRCs are checked once, when it is loaded.
+    resolve_checkpoint(load, "checkpoint.load", verify=False)
     return False, StartPoint(load, load_optimizer, verify)
+
+
+def lora_settings(cfg: RunConfig):
+    """LoRA's settings from `peft` (None without `peft.method`), checked."""
+    from megatron_danube.models.lora import LoraSettings, resolve_targets
+
+    peft = cfg.peft
+    if peft.method is None:
+        return None
+    if peft.rank < 1 or peft.alpha <= 0 or not 0 <= peft.dropout < 1:
+        raise DanubeConfigError(
+            f"peft: rank={peft.rank}, alpha={peft.alpha}, dropout={peft.dropout}; give rank >= 1, "
+            f"alpha > 0 and dropout in [0, 1)"
+        )
+    targets = resolve_targets(peft.target_modules, peft.exclude_modules)
+    return LoraSettings(peft.rank, peft.alpha, peft.dropout, targets, cfg.train.seed)
 
 
 def check_warmup(cfg: RunConfig, total_tokens: int, what: str) -> None:

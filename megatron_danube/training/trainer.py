@@ -89,11 +89,14 @@ class Trainer:
         self.chunks, self.optimizer, self.scheduler = model.chunks, model.optimizer, model.scheduler
         self.checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint)
         self.metrics = MetricsWriter(cfg.run_dir, self.rt.is_main, cfg.logging.tensorboard)
+        trainable = sum(p.numel() for c in self.chunks for p in c.parameters() if p.requires_grad)
         logger.info(
-            "model %s: %s parameters (%s on rank 0), spec=%s, device=%s, TP=%d PP=%d VPP=%d DP=%d",
+            "model %s: %s parameters (%s on rank 0, %s of them trained), spec=%s, device=%s, "
+            "TP=%d PP=%d VPP=%d DP=%d",
             self.model_cfg.name,
             f"{self.model_cfg.num_parameters():,}",
             f"{count_parameters(self.chunks):,}",
+            f"{trainable:,}",
             self.rt.spec,
             self.rt.device.type,
             cfg.parallel.tensor_parallel,
@@ -139,6 +142,7 @@ class Trainer:
             load_optimizer=bool(own) or start.load_optimizer,
             verify=False,  # latest() and resolve_checkpoint() verified what they named
             before_load=lambda saved: self._check_saved(saved, own=bool(own)),
+            absent=None if own else self.job.absent_from_start,
         )
         if own:  # continuing this run; a foreign checkpoint only provides the weights
             names = [f.name for f in dataclasses.fields(TrainState)]

@@ -28,6 +28,7 @@ from megatron_danube.models.full_weights import (  # noqa: E402
     load_full_weights,
     local_slices,
 )
+from megatron_danube.models.lora import LoraSettings, apply_lora, resolve_targets  # noqa: E402
 from megatron_danube.models.presets import get_preset  # noqa: E402
 from megatron_danube.runtime.distributed import initialize  # noqa: E402
 from megatron_danube.training.optim import make_optimizer  # noqa: E402
@@ -62,10 +63,25 @@ def data_iterators(step: int, dp_rank: int, dp_size: int, num_chunks: int):
     return [iter(list(micro)) for _ in range(num_chunks)], len(micro)
 
 
-def setup(layout: ParallelLayout):
+LORA = LoraSettings(
+    rank=4,
+    alpha=16,
+    dropout=0.0,
+    targets=resolve_targets(["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]),
+)
+
+
+def setup(layout: ParallelLayout, lora: bool = False):
     rt = initialize(MODEL, layout, seed=1234, spec="local")
     config = build_transformer_config(MODEL, layout, spec=rt.spec, device_type=rt.device.type)
     chunks = build_model_chunks(MODEL, config, rt.spec, rt.device)
+    if lora:  # adapters on every projection, B random so that they change the output
+        apply_lora(chunks, MODEL, LORA)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, p in chunks[0].named_parameters():
+                if name.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return rt, config, chunks
 
 
@@ -78,9 +94,18 @@ def wrap(config, chunks, distributed_optimizer, with_optimizer):
     return ddp, optimizer
 
 
-def run(layout, full_weights, *, reference, distributed_optimizer=False, steps=0, gated=True):
+def run(
+    layout,
+    full_weights,
+    *,
+    reference,
+    distributed_optimizer=False,
+    steps=0,
+    gated=True,
+    lora=False,
+):
     """Return (losses per step, local (name, param or grad, ref-able tensor) after the run)."""
-    rt, config, chunks = setup(layout)
+    rt, config, chunks = setup(layout, lora)
     if full_weights is not None:
         load_full_weights(chunks, full_weights, gated=gated)
     ddp, optimizer = wrap(config, chunks, distributed_optimizer, steps > 0)
@@ -105,11 +130,15 @@ def run(layout, full_weights, *, reference, distributed_optimizer=False, steps=0
 def relative_errors(chunks, full_reference, attr: str, gated=True):
     """Max over parameters of ||local - ref slice|| / ||ref slice||, reduced over all ranks."""
     worst, worst_name = 0.0, ""
-    for name, param, ref_slice in local_slices(chunks, full_reference, gated=gated):
+    compared = 0
+    for name, param, ref_slice in local_slices(chunks, full_reference, gated, partial=True):
+        compared += 1
         local = param.main_grad if attr == "grad" else param.detach()
         err = (local.float() - ref_slice.float()).norm() / ref_slice.float().norm().clamp(min=1e-30)
         if err.item() > worst:
             worst, worst_name = err.item(), name
+    if not compared:
+        raise AssertionError("no parameter of this rank was compared")
     t = torch.tensor([worst], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item(), worst_name
@@ -124,6 +153,10 @@ CASES = {
     "tp2_pp2": (ParallelLayout(tensor_parallel=2, pipeline_parallel=2), {}),
     "dp2_tp2_distopt": (ParallelLayout(tensor_parallel=2), {"steps": OPT_STEPS, "distopt": True}),
     "dp4_distopt": (ParallelLayout(), {"steps": OPT_STEPS, "distopt": True}),
+    # LoRA adapters (the base frozen): adapter gradients at every layout equal the reference's.
+    "lora_tp2_sp": (ParallelLayout(tensor_parallel=2, sequence_parallel=True), {"lora": True}),
+    "lora_pp2": (ParallelLayout(pipeline_parallel=2), {"lora": True}),
+    "lora_tp2_pp2": (ParallelLayout(tensor_parallel=2, pipeline_parallel=2), {"lora": True}),
     # Negative control: fc1 split naively across TP (gate/up halves mixed). Must be caught.
     "control_wrong_fc1_split": (ParallelLayout(tensor_parallel=2), {"gated": False}),
 }
@@ -137,26 +170,37 @@ def main(out_path: str, selected: list) -> None:
     ref_grads = {n: p.main_grad.detach().clone() for n, p, _ in local_slices(ref_chunks, full)}
     _, ref_opt_chunks, ref_opt_losses = run(ParallelLayout(), full, reference=True, steps=OPT_STEPS)
     ref_params_after = full_named_parameters(ref_opt_chunks[0])
+    # Reference 3: LoRA on the same base, gradients of one step (adapters only).
+    _, lora_chunks, lora_losses = run(ParallelLayout(), None, reference=True, lora=True)
+    lora_full = full_named_parameters(lora_chunks[0])
+    lora_full.update({k: v for k, v in full.items() if k in lora_full})
+    _, lora_chunks, lora_losses = run(ParallelLayout(), lora_full, reference=True, lora=True)
+    lora_grads = {
+        n: p.main_grad.detach().clone()
+        for n, p, _ in local_slices(lora_chunks, lora_full)
+        if p.requires_grad
+    }
 
     for name in selected:
         layout, opts = CASES[name]
         try:
-            steps = opts.get("steps", 0)
+            steps, lora = opts.get("steps", 0), opts.get("lora", False)
             rt, chunks, losses = run(
                 layout,
-                full,
+                lora_full if lora else full,
                 reference=False,
                 distributed_optimizer=opts.get("distopt", False),
                 steps=steps,
                 gated=opts.get("gated", True),
+                lora=lora,
             )
-            expected = ref_opt_losses if steps else ref_losses
+            expected = ref_opt_losses if steps else (lora_losses if lora else ref_losses)
             loss_rel = max(abs(a - b) / abs(b) for a, b in zip(losses, expected))
             if steps:
                 err, where = relative_errors(chunks, ref_params_after, "param")
             else:
                 err, where = relative_errors(
-                    chunks, ref_grads, "grad", gated=opts.get("gated", True)
+                    chunks, lora_grads if lora else ref_grads, "grad", gated=opts.get("gated", True)
                 )
             results[name] = {
                 "losses": losses,

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from tests.conftest import REPO, torchrun
+from tests.conftest import REPO
+from tests.launch import torchrun
 
 pytestmark = pytest.mark.slow  # launches training processes
 
@@ -66,6 +67,12 @@ def test_parity_dp4_distributed_optimizer_three_steps(parity_results):
     # the loss moved: the optimizer really stepped
     losses = parity_results["dp4_distopt"]["losses"]
     assert losses[0] != losses[2]
+
+
+@pytest.mark.parametrize("case", ["lora_tp2_sp", "lora_pp2", "lora_tp2_pp2"])
+def test_lora_adapter_gradients_at_every_layout(parity_results, case):
+    """LoRA (base frozen, B non-zero): loss and adapter gradients equal TP=1/PP=1's."""
+    assert_case(parity_results, case)
 
 
 def test_parallel_parity_check_catches_a_wrong_layout(parity_results):

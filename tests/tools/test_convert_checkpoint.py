@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from megatron_danube.cli.convert import command as convert
-from tests.conftest import REPO, torchrun
-from tests.training.conftest import run_pretrain
+from tests.conftest import REPO
+from tests.launch import run_pretrain, torchrun
 
 VOCAB = 1000  # padded to 1024 inside megatron
 

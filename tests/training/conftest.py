@@ -1,11 +1,9 @@
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="session")
@@ -26,61 +24,6 @@ def corpora(tmp_path_factory):
                 w.add_document(tok.encode(p) + [tok.eod])
         prefixes.append(prefix)
     return prefixes
-
-
-def pretrain_cmd(nproc, launcher="torch.distributed.run", python=None):
-    python = python or sys.executable  # another interpreter: the cross-version tests
-    if nproc == 1:
-        return [python, "-m", "megatron_danube.pretrain"]
-    return [
-        python,
-        "-m",
-        launcher,
-        f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}",
-        "-m",
-        "megatron_danube.pretrain",
-    ]
-
-
-def run_pretrain(
-    run_dir,
-    corpora,
-    *overrides,
-    nproc=2,
-    config="tests/training/tiny_run.yaml",
-    timeout=600,
-    check=True,
-    background=False,
-    launcher="torch.distributed.run",
-    python=None,
-):
-    args = pretrain_cmd(nproc, launcher, python) + [
-        "--config",
-        os.path.join(REPO, config),
-        f"run_dir={run_dir}",
-        f"data.blend=[{corpora[0]}]",
-        f"stages.1.blend=[0.3, {corpora[0]}, 0.7, {corpora[1]}]",
-        *overrides,
-    ]
-    env = dict(os.environ, PYTHONPATH=REPO)
-    if background:
-        return subprocess.Popen(
-            args,
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"pretrain ({args[0]}) failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-            f"{proc.stderr[-6000:]}"
-        )
-    return proc
 
 
 def plan_error(*overrides, config="tests/training/tiny_run.yaml") -> str:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import wait_for
-from tests.training.conftest import plan_error, pretrain_overrides, run_pretrain
+from tests.launch import launch, run_pretrain
+from tests.training.conftest import plan_error, pretrain_overrides
 
 pytestmark = pytest.mark.slow
 ONE = dict(nproc=1, check=False)
@@ -120,6 +121,7 @@ def test_resume_refuses_a_changed_model_naming_the_field(tmp_path, corpora):
     proc = run_pretrain(run_dir, corpora, "model.overrides.hidden_size=128", **ONE)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "model.hidden_size=64 but this run has 128" in proc.stderr
+    assert "stopped at iteration" not in proc.stdout + proc.stderr  # it never started
 
 
 def test_corrupt_train_state_falls_back_to_an_older_checkpoint(tmp_path, corpora):
@@ -166,27 +168,11 @@ def test_a_changed_dataset_rebuilds_its_indices(tmp_path, corpora):
 
 
 def test_convert_refuses_a_file_or_read_only_save(tmp_path, corpora):
-    import subprocess
-    import sys
-
     run_dir = _finished_run(tmp_path, corpora)
     target = tmp_path / "file"
     target.write_text("precious")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_danube.cli.convert",
-            "--to",
-            "hf",
-            "--load",
-            str(run_dir),
-            "--save",
-            str(target),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    args = ["--to", "hf", "--load", run_dir, "--save", target]
+    proc = launch("megatron_danube.cli.convert", *args)
     assert proc.returncode == 2 and "is a file" in proc.stderr and target.read_text() == "precious"
     assert len(proc.stderr.strip().splitlines()) == 1
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.training.conftest import run_pretrain, train_losses
+from tests.launch import run_pretrain
+from tests.training.conftest import train_losses
 
 pytestmark = pytest.mark.slow  # launches training processes under two interpreters
 

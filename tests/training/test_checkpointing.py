@@ -132,6 +132,27 @@ def test_checkpoint_corrupt_shard_is_a_clear_error(single_rank, tmp_path):
         manager.load(path, fresh_chunks, fresh_opt)
 
 
+def test_verify_false_reads_a_start_whose_manifest_disagrees(single_rank, tmp_path):
+    """checkpoint.verify=false skips the CRC check of checkpoint.load too (the user's call,
+    e.g. for a checkpoint copied without its manifest being rewritten)."""
+    import json
+
+    from megatron_danube.training.checkpoint_format import resolve_checkpoint
+
+    chunks, opt = _build(0)
+    _step(chunks, opt, 0)
+    path = CheckpointManager(str(tmp_path)).save(1, chunks, opt, {"iteration": 1})
+    manifest = os.path.join(path, "manifest.json")
+    data = json.load(open(manifest))
+    entry = next(iter(data["files"].values()))
+    entry["crc32"] = "00000000" if entry["crc32"] != "00000000" else "00000001"
+    json.dump(data, open(manifest, "w"))
+    with pytest.raises(DanubeConfigError, match="is damaged"):
+        resolve_checkpoint(str(tmp_path), "checkpoint.load")
+    assert resolve_checkpoint(str(tmp_path), "checkpoint.load", verify=False) == path
+    assert resolve_checkpoint(path, "checkpoint.load", verify=False) == path
+
+
 def test_checkpoint_keep_last_prunes_old_ones(single_rank, tmp_path):
     chunks, opt = _build(0)
     _step(chunks, opt, 0)

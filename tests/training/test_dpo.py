@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
+from tests.launch import run_finetune
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +29,7 @@ TRL_KEYS = (
 
 
 def finetune(run_dir, *overrides, nproc=1, config="tests/training/tiny_dpo.yaml", check=True):
-    cmd = [sys.executable, "-m", "megatron_danube.finetune"]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-        cmd += [f"--master-port={free_port()}", "-m", "megatron_danube.finetune"]
-    args = cmd + ["--config", os.path.join(REPO, config), f"run_dir={run_dir}", *overrides]
-    env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"finetune failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return proc
+    return run_finetune(run_dir, *overrides, config=config, nproc=nproc, check=check)
 
 
 def metrics(run_dir):

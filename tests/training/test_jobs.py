@@ -22,11 +22,12 @@ class _Start(str):
 
 @pytest.fixture
 def tiny_start(tmp_path):
-    """A start directory (read only for its tokenizer records: none) and one conversation."""
+    """A start checkpoint (a train state without tokenizer records) and one conversation."""
     import json
 
     start = tmp_path / "start"
-    start.mkdir()
+    start.mkdir()  # a checkpoint by its train state (plans never load it)
+    (start / "train_state.json").write_text(json.dumps({"iteration": 1}))
     data = tmp_path / "chat.jsonl"
     turns = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
     data.write_text(json.dumps({"messages": turns}) + "\n")
@@ -221,10 +222,17 @@ def test_step_batch_and_job_live_below_the_trainer():
 def test_dpo_from_a_checkpoint_without_manifest_is_refused_up_front(tmp_path, tiny_start):
     """DPO names its reference model by the start's manifest: without one, refused before
     anything runs (SFT may start from it)."""
-    import json
 
-    (tmp_path / "start" / "train_state.json").write_text(json.dumps({"iteration": 1}))
     overrides = [f"run_dir={tmp_path / 'r'}", f"checkpoint.load={tiny_start}", *tiny_start.chat]
     with pytest.raises(DanubeConfigError, match="has no manifest.json, which identifies DPO"):
         build_plan(load_config("tests/training/tiny_dpo.yaml", overrides))
     assert build_plan(load_config("tests/training/tiny_sft.yaml", overrides)).job == "sft"
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_the_start_point_follows_checkpoint_verify(tmp_path, tiny_start, verify):
+    overrides = [f"run_dir={tmp_path / 'r'}", f"checkpoint.load={tiny_start}", *tiny_start.chat]
+    overrides.append(f"checkpoint.verify={str(verify).lower()}")
+    start = build_plan(load_config("tests/training/tiny_sft.yaml", overrides)).start
+    assert start.checkpoint == str(tiny_start) and start.verify is verify
+    assert start.load_optimizer is False and start.convert_from_hf is None

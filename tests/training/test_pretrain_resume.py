@@ -13,7 +13,8 @@ import psutil
 import pytest
 
 from tests.conftest import wait_for
-from tests.training.conftest import run_pretrain, train_losses
+from tests.launch import run_pretrain
+from tests.training.conftest import train_losses
 
 pytestmark = pytest.mark.slow  # launches training processes
 

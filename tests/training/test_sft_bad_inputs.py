@@ -3,13 +3,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from megatron_danube.errors import DanubeConfigError
 from tests.conftest import REPO
+from tests.launch import launch
 from tests.training.conftest import plan_error
 from tests.training.test_bad_inputs import _error_line
 
@@ -19,9 +18,7 @@ CONFIG = os.path.join(REPO, "tests/training/tiny_sft.yaml")
 
 
 def run(module, *overrides, config=CONFIG):
-    args = [sys.executable, "-m", module, "--config", config, *overrides]
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return launch(module, "--config", config, *overrides, timeout=300)
 
 
 @pytest.fixture
@@ -30,7 +27,8 @@ def chat(tmp_path):
     record = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
     path.write_text(json.dumps(record) + "\n")
     start = tmp_path / "start"
-    start.mkdir()
+    start.mkdir()  # a checkpoint by its train state; never loaded (the errors come first)
+    (start / "train_state.json").write_text(json.dumps({"iteration": 1}))
     return [f"chat.train=[{path}]", f"checkpoint.load={start}", f"run_dir={tmp_path / 'run'}"]
 
 
@@ -43,6 +41,7 @@ def chat(tmp_path):
             "chat.train: /nonexistent/chat.jsonl is not a file",
         ),
         (["checkpoint.load=null"], "set checkpoint.load to a run directory"),
+        (["checkpoint.load=/"], "checkpoint.load /: not a megatron_danube checkpoint"),
         (["train.global_batch_tokens=300"], "must be chat.seq_length (256) x a multiple"),
         (["chat.template='{% for m in %}'"], "chat template does not compile"),
         (["chat.seq_length=100000"], "exceeds model danube-tiny's context 512"),

@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from tests.conftest import REPO, torchrun
+from tests.conftest import REPO
+from tests.launch import torchrun
 
 pytestmark = pytest.mark.slow
 

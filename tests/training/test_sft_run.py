@@ -3,12 +3,11 @@ resume exactly, export with the chat template, and chat through `transformers`."
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
+from tests.launch import DANUBE_LAUNCH, launch, run_finetune
 from tests.training.conftest import plan_error
 
 pytestmark = pytest.mark.slow
@@ -16,25 +15,10 @@ pytestmark = pytest.mark.slow
 PRESET = "danube-tiny"
 
 
-def finetune(run_dir, *overrides, nproc=2, check=True, timeout=600):
-    cmd = [sys.executable, "-m", "megatron_danube.finetune"]
-    if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}",
-            "-m",
-            "megatron_danube.finetune",
-        ]
-    args = cmd + ["--config", os.path.join(REPO, "tests/training/tiny_sft.yaml")]
-    args += [f"run_dir={run_dir}", *overrides]
-    env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"finetune failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return proc
+def finetune(run_dir, *overrides, nproc=2, check=True):
+    return run_finetune(
+        run_dir, *overrides, config="tests/training/tiny_sft.yaml", nproc=nproc, check=check
+    )
 
 
 def records(run_dir, key):
@@ -113,14 +97,8 @@ def test_export_chats_with_the_template_and_stops_at_eos(overfit_run, tmp_path, 
     from megatron_danube.data.chat.template import DANUBE_TEMPLATE
 
     out = tmp_path / "hf"
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_danube.cli.convert", "--to", "hf", "--dtype", "float32"]
-        + ["--load", overfit_run, "--save", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--to", "hf", "--dtype", "float32", "--load", overfit_run, "--save", out]
+    launch("megatron_danube.cli.convert", *args, check=True)
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"] == DANUBE_TEMPLATE and config["eos_token"] == "</s>"
     tok = AutoTokenizer.from_pretrained(str(out))
@@ -159,11 +137,9 @@ def test_export_refuses_a_template_file_that_fails_before_writing(
 
 def launch_finetune(run_dir, config, *overrides, nproc=2):
     """danube-launch (a config error: the line once and exit 2) with `nproc` workers."""
-    cmd = [sys.executable, "-m", "megatron_danube.cli.launch", f"--nproc-per-node={nproc}"]
-    cmd += [f"--master-port={free_port()}", "-m", "megatron_danube.finetune"]
-    cmd += ["--config", os.path.join(REPO, config), f"run_dir={run_dir}", *overrides]
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_finetune(
+        run_dir, *overrides, config=config, nproc=nproc, launcher=DANUBE_LAUNCH, check=False
+    )
 
 
 def refuse_changed_inputs(run, run_dir, cases, preflight):

@@ -164,7 +164,31 @@ class DPOJob(SFTJob):
 
     # ---------------------------------------------------------------------------- reference
     def restored(self, saved: dict) -> None:
+        """A resume keeps the reference its checkpoints recorded; a start that still exists
+        and is now another model is a changed input, refused."""
         self.resumed_key = saved.get("reference")
+        start = self.plan.start
+        if start.convert_from_hf:  # an HF start: its conversion is named by its files
+            recorded = saved.get("reference_source")
+            if recorded and os.path.basename(recorded) != os.path.basename(start.checkpoint):
+                raise DanubeConfigError(
+                    f"{self.cfg.run_dir} holds reference log-probabilities of another reference "
+                    f"model than checkpoint.load={self.cfg.checkpoint.load} (its files changed); "
+                    f"restore checkpoint.load, or start a new run_dir"
+                )
+            return
+        if not self.resumed_key or not start.checkpoint or not os.path.isdir(start.checkpoint):
+            return  # the start may have been pruned: the run's own records suffice
+        try:
+            current = self._start_key()
+        except DanubeConfigError:
+            return  # no longer a readable checkpoint: as pruned
+        if current != self.resumed_key:
+            raise DanubeConfigError(
+                f"{self.cfg.run_dir} holds reference log-probabilities of another reference "
+                f"model or data than checkpoint.load={self.cfg.checkpoint.load} (hash "
+                f"{self.resumed_key} != {current}); restore checkpoint.load, or start a new run_dir"
+            )
 
     def reference_key(self) -> str:
         """The reference model and data, hashed: the start checkpoint's manifest (or, resumed,
@@ -247,7 +271,11 @@ class DPOJob(SFTJob):
         return run.forward_only(batches, step, {"ref": total})["ref"].cpu().numpy()
 
     def state_extra(self, state) -> dict:
-        return dict(super().state_extra(state), reference=self.reference_key())
+        return dict(
+            super().state_extra(state),
+            reference=self.reference_key(),
+            reference_source=self.plan.start.checkpoint,
+        )
 
 
 def reference_manifest(checkpoint: str) -> str:

@@ -30,6 +30,11 @@ def plan(cfg: RunConfig) -> Plan:
     """Everything checkable before a process group or any data exists, as the run's Plan."""
     from megatron_danube.data.datasets import check_prefixes, parse_blend
 
+    if cfg.peft.method is not None:
+        raise DanubeConfigError(
+            "peft trains adapters of a fine-tuning job (job: sft or dpo); remove peft.method "
+            "for pretraining"
+        )
     model = preflight.model_of(cfg)
     check_stage_lengths(cfg, model)
     layout, dp = preflight.check_layout_for(

@@ -100,6 +100,7 @@ def chat_plan(cfg: RunConfig, *, pairs: bool = False) -> Plan:
             template=template,
             files=files,
         ),
+        lora=preflight.lora_settings(cfg),
     )
 
 
@@ -150,6 +151,18 @@ class SFTJob(Job):
     @property
     def total_tokens(self) -> int:
         return self._total_tokens
+
+    def transform_model(self, chunks):
+        if self.plan.lora is None:
+            return chunks
+        from megatron_danube.models.lora import apply_lora
+
+        return apply_lora(chunks, self.model_cfg, self.plan.lora)
+
+    def absent_from_start(self, name: str) -> bool:
+        from megatron_danube.models.lora import is_adapter_name
+
+        return self.plan.lora is not None and is_adapter_name(name)
 
     # ------------------------------------------------------------------------------ data
     def setup(self, rt) -> None:
@@ -302,7 +315,12 @@ class SFTJob(Job):
 
     def state_extra(self, state: TrainState) -> dict:
         # The export writes this template into tokenizer_config.json (danube-convert --to hf).
-        return {"job": self.name, "chat_data": self.data_key, "chat_template": self.template}
+        extra = {"job": self.name, "chat_data": self.data_key, "chat_template": self.template}
+        if self.plan.lora is not None:  # what danube-convert needs to merge or export them
+            lora = self.plan.lora
+            base = self.plan.start.convert_from_hf or self.plan.start.checkpoint
+            extra["lora"] = dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, base=base)
+        return extra
 
     def schedule(self) -> dict:
         chat = self.cfg.chat
