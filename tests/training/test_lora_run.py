@@ -15,7 +15,8 @@ from tests.training.test_dpo import hf_model
 
 pytestmark = pytest.mark.slow
 
-LORA = ["peft.method=lora", "peft.rank=4", "peft.alpha=16", "optim.lr=0.02", "optim.warmup_tokens=512"]
+LORA = ["peft.method=lora", "peft.rank=4", "peft.alpha=16", "optim.lr=0.02"]
+LORA += ["optim.warmup_tokens=512"]
 
 
 def losses(run_dir):
