@@ -62,6 +62,8 @@ def to_hf(
     fine-tuning run recorded, so chat models export ready for `apply_chat_template`. A LoRA
     run's adapters are merged into the weights (`merge_lora`) or written alone as a PEFT
     adapter (`peft`)."""
+    import safetensors.torch  # noqa: F401  (the [hf] extra: missing, it is named before any work)
+
     from megatron_danube.convert import lora_export
     from megatron_danube.models.hf_adapter import hf_config_dict, iter_mcore_to_hf
 
