@@ -153,12 +153,40 @@ def test_examples_continue_from_hf_then_convert_to_hf(tmp_path, corpus):
 
 
 @pytest.mark.parametrize(
+    "config",
+    ["examples/configs/danube-1.8b-dpo2.yaml", "examples/configs/danube-1.8b-sft-lora.yaml"],
+)
+def test_example_chat_configs_that_share_a_run_path_plan_as_written(tmp_path, config):
+    """Recipes whose run path a recipe above already runs (DPO stage 2, SFT with LoRA, which
+    tests/training/test_lora_run.py trains): the whole preflight, at their real size."""
+    from megatron_danube.config import load_config
+    from megatron_danube.data.demo_chat import ensure_demo_chat
+    from megatron_danube.training.preflight import build_plan
+    from tests.training.test_dpo import hf_model
+
+    ensure_demo_chat(str(tmp_path / "chat"))
+    start = hf_model(tmp_path / "start", seed=0)
+    data = tmp_path / "chat" / ("pairs_train.jsonl" if "dpo" in config else "train.jsonl")
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        "data.tokenizer=mistral-v1",
+        f"chat.train=[{data}]",
+        f"checkpoint.load={start}",
+        "model.spec=local",
+        "train.device=cpu",
+        "train.global_batch_tokens=" + str(load_config(config).chat.seq_length),
+    ]
+    plan = build_plan(load_config(config, overrides))
+    assert plan.job in ("sft", "dpo") and plan.start.convert_from_hf == start
+    if "lora" in config:
+        assert plan.lora.rank == 16 and len(plan.lora.targets) == 4
+
+
+@pytest.mark.parametrize(
     "config,data",
     [
         ("examples/configs/danube-1.8b-sft.yaml", "train.jsonl"),
         ("examples/configs/danube-1.8b-dpo.yaml", "pairs_train.jsonl"),
-        ("examples/configs/danube-1.8b-dpo2.yaml", "pairs_train.jsonl"),
-        ("examples/configs/danube-1.8b-sft-lora.yaml", "train.jsonl"),
         ("examples/configs/danube-1.8b-dpo-lora.yaml", "pairs_train.jsonl"),
     ],
 )
