@@ -126,13 +126,20 @@ def start_point(
     return False, StartPoint(load, load_optimizer, verify)
 
 
-def lora_settings(cfg: RunConfig):
-    """LoRA's settings from `peft` (None without `peft.method`), checked."""
+def lora_settings(cfg: RunConfig, spec: str):
+    """LoRA's settings from `peft` (None without `peft.method`), checked for the resolved
+    layer `spec`."""
     from megatron_danube.models.lora import LoraSettings, resolve_targets
 
     peft = cfg.peft
     if peft.method is None:
         return None
+    if spec != "local":
+        # TE fuses the norm into qkv and fc1: the adapters would read the input un-normed.
+        raise DanubeConfigError(
+            "peft.method=lora runs on the local layer spec; set model.spec=local (TE's fused "
+            "norm and linear layers take no adapters yet)"
+        )
     if peft.rank < 1 or peft.alpha <= 0 or not 0 <= peft.dropout < 1:
         raise DanubeConfigError(
             f"peft: rank={peft.rank}, alpha={peft.alpha}, dropout={peft.dropout}; give rank >= 1, "

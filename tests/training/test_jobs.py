@@ -236,3 +236,21 @@ def test_the_start_point_follows_checkpoint_verify(tmp_path, tiny_start, verify)
     start = build_plan(load_config("tests/training/tiny_sft.yaml", overrides)).start
     assert start.checkpoint == str(tiny_start) and start.verify is verify
     assert start.load_optimizer is False and start.convert_from_hf is None
+
+
+def test_lora_is_refused_on_the_te_spec_and_checked_for_its_values():
+    from megatron_danube.training.preflight import lora_settings
+
+    cfg = load_config(DEMO, ["peft.method=lora"])
+    assert lora_settings(cfg, "local").rank == 8
+    with pytest.raises(DanubeConfigError, match="set model.spec=local"):
+        lora_settings(cfg, "te")
+    with pytest.raises(DanubeConfigError, match="give rank >= 1"):
+        lora_settings(load_config(DEMO, ["peft.method=lora", "peft.rank=0"]), "local")
+    assert lora_settings(load_config(DEMO), "te") is None
+
+
+def test_pretraining_refuses_peft(tmp_path):
+    cfg = load_config(DEMO, ["peft.method=lora", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(DanubeConfigError, match="peft trains adapters of a fine-tuning job"):
+        build_plan(cfg)

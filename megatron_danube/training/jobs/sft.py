@@ -100,7 +100,7 @@ def chat_plan(cfg: RunConfig, *, pairs: bool = False) -> Plan:
             template=template,
             files=files,
         ),
-        lora=preflight.lora_settings(cfg),
+        lora=preflight.lora_settings(cfg, layout[2]),
     )
 
 
