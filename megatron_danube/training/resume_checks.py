@@ -1,37 +1,13 @@
 """What a resume may not change silently: the model, and (for the run's own checkpoints) the
-token schedule. A difference is a one-line error naming the field, unless the run lists it in
-`checkpoint.allow_changes` because the change is deliberate."""
+token schedule (each job's `schedule()`). A difference is a one-line error naming the field,
+unless the run lists it in `checkpoint.allow_changes` because the change is deliberate."""
 
 from __future__ import annotations
 
 import os
 from typing import List
 
-from megatron_danube.config import RunConfig
 from megatron_danube.errors import DanubeConfigError
-
-
-def schedule_of(cfg: RunConfig) -> dict:
-    """The parts of the config that decide which sample each step reads."""
-    if cfg.job in ("sft", "dpo"):
-        chat = cfg.chat
-        return {
-            "job": cfg.job,
-            "train.global_batch_tokens": cfg.train.global_batch_tokens,
-            "chat.seq_length": chat.seq_length,
-            "chat.epochs": chat.epochs,
-            "chat.pack": chat.pack,
-            "chat.train": list(chat.train),
-            "data.seed": cfg.data.seed,
-        }
-    return {
-        "train.train_tokens": cfg.train.train_tokens,
-        "train.global_batch_tokens": cfg.train.global_batch_tokens,
-        "stages": [[s.start_tokens, s.seq_length] for s in cfg.stages],
-        "data.seed": cfg.data.seed,
-        "data.split": cfg.data.split,
-    }
-
 
 # Settings that name files: two spellings of one file are one setting (what the files hold is
 # compared by content in training/run_inputs.py).

@@ -37,17 +37,30 @@ def test_names_map_to_peft_and_back():
     assert mcore_lora_name(hf_peft_name(name)) == name
 
 
+def _lora_build(model_cfg, settings, device="cpu"):
+    """The model chunks of one rank with LoRA applied through the build's pre-wrap hook."""
+    from megatron_danube.config import ParallelLayout
+    from megatron_danube.training.model_build import build_model
+
+    _, chunks = build_model(
+        model_cfg,
+        layout=ParallelLayout(),
+        spec="local",
+        device=torch.device(device),
+        pre_wrap=[lambda c: apply_lora(c, model_cfg, settings)] if settings else [],
+    )
+    return chunks
+
+
 def _models(targets, seed=0):
     """(megatron model with LoRA, HF PEFT model) with the same base and adapter weights; the
     adapters' B random, so they change the output."""
     from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
 
-    from megatron_danube.config import ParallelLayout
     from megatron_danube.models.full_weights import full_named_parameters, load_full_weights
     from megatron_danube.models.hf_adapter import hf_to_mcore, mistral_config
     from megatron_danube.models.presets import get_preset
-    from megatron_danube.training.model_build import build_model
 
     model_cfg = get_preset("danube-test")
     torch.manual_seed(seed)
@@ -61,14 +74,7 @@ def _models(targets, seed=0):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     settings = LoraSettings(RANK, ALPHA, 0.0, resolve_targets(targets))
-    _, chunks = build_model(
-        model_cfg,
-        layout=ParallelLayout(),
-        spec="local",
-        device=torch.device("cpu"),
-        pre_wrap=[lambda c: apply_lora(c, model_cfg, settings)],
-    )
-    ours = chunks[0]
+    ours = _lora_build(model_cfg, settings)[0]
     full = full_named_parameters(ours)
     full.update({k: v for k, v in base.items() if k in full})
     for name, p in peft_model.named_parameters():
@@ -109,24 +115,14 @@ def test_loss_and_adapter_gradients_equal_hf_peft(single_rank, targets):
 
 
 def test_the_base_is_frozen_and_b_starts_at_zero(single_rank):
-    from megatron_danube.config import ParallelLayout
     from megatron_danube.models.presets import get_preset
-    from megatron_danube.training.model_build import build_model
 
     model_cfg = get_preset("danube-test")
     settings = LoraSettings(RANK, ALPHA, 0.0, resolve_targets(ALL))
     torch.manual_seed(0)
-    _, plain = build_model(
-        model_cfg, layout=ParallelLayout(), spec="local", device=torch.device("cpu")
-    )
+    plain = _lora_build(model_cfg, None)
     torch.manual_seed(0)
-    _, adapted = build_model(
-        model_cfg,
-        layout=ParallelLayout(),
-        spec="local",
-        device=torch.device("cpu"),
-        pre_wrap=[lambda c: apply_lora(c, model_cfg, settings)],
-    )
+    adapted = _lora_build(model_cfg, settings)
     trainable = [n for n, p in adapted[0].named_parameters() if p.requires_grad]
     assert trainable and all(".lora_linear_" in n for n in trainable)
     h, ffn, d = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.head_dim
@@ -160,20 +156,12 @@ def test_danube_1_8b_adapter_count_is_what_peft_reports(single_rank):
     from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
 
-    from megatron_danube.config import ParallelLayout
     from megatron_danube.models.hf_adapter import mistral_config
     from megatron_danube.models.presets import get_preset
-    from megatron_danube.training.model_build import build_model
 
     model_cfg = get_preset("danube-1.8b")
     settings = LoraSettings(RANK, ALPHA, 0.0, resolve_targets(ALL))
-    _, chunks = build_model(
-        model_cfg,
-        layout=ParallelLayout(),
-        spec="local",
-        device=torch.device("meta"),
-        pre_wrap=[lambda c: apply_lora(c, model_cfg, settings)],
-    )
+    chunks = _lora_build(model_cfg, settings, device="meta")
     with torch.device("meta"):
         hf = MistralForCausalLM(mistral_config(model_cfg))
     peft_model = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=ALL))
