@@ -162,7 +162,7 @@ def test_example_chat_configs_that_share_a_run_path_plan_as_written(tmp_path, co
     from megatron_danube.config import load_config
     from megatron_danube.data.demo_chat import ensure_demo_chat
     from megatron_danube.training.preflight import build_plan
-    from tests.training.test_dpo import hf_model
+    from tests.training.conftest import hf_model
 
     ensure_demo_chat(str(tmp_path / "chat"))
     start = hf_model(tmp_path / "start", seed=0)
@@ -195,7 +195,7 @@ def test_example_chat_configs_at_tiny_scale(tmp_path, config, data):
     import json
 
     from megatron_danube.data.demo_chat import ensure_demo_chat
-    from tests.training.test_dpo import hf_model
+    from tests.training.conftest import hf_model
 
     ensure_demo_chat(str(tmp_path / "chat"))
     records = (tmp_path / "chat" / data).read_text().splitlines()[:40]

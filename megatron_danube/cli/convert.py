@@ -50,6 +50,12 @@ def add_arguments(p) -> None:
         help="--to hf: merge a LoRA run's adapters into the weights (W + alpha/r * B A)",
     )
     p.add_argument(
+        "--lora-base",
+        default=None,
+        help="--to hf --merge-lora: the base checkpoint a LoRA run's adapters apply to, where "
+        "it has moved (default: the one the run recorded; checked by its manifest hash)",
+    )
+    p.add_argument(
         "--model-preset",
         default=None,
         help="--to hf: the model preset, for checkpoints that do not record it",
@@ -73,6 +79,7 @@ def convert(args) -> int:
                 chat_template=args.chat_template,
                 merge_lora=args.merge_lora,
                 peft=args.to == "hf-peft",
+                lora_base=args.lora_base,
             )
         else:
             from megatron_danube.convert.hf_import import to_mcore

@@ -221,6 +221,11 @@ class DpoSection:
     """sigmoid only: the assumed share of flipped labels (conservative DPO; TRL 1.16 ignores it)."""
     sft_weight: float = 0.0
     """Weight of an added NLL term on the chosen completion (mean per token, per pair)."""
+    reference: Literal["precomputed", "adapters_off"] = "precomputed"
+    """`precomputed`: the start model's log-probabilities, computed once before the first step
+    into `RUN_DIR/reference_logps.npz`; `adapters_off` (with `peft.method: lora`): the same
+    model with its adapters switched off, one extra forward pass per step and no file (TRL's
+    reference with a `peft_config`)."""
 
 
 @dataclass
@@ -241,6 +246,9 @@ class PeftSection:
     """megatron layers (`linear_qkv`, ...) or HF projections (`q_proj`, `gate_proj`, ...)."""
     exclude_modules: List[str] = field(default_factory=list)
     """Layers or projections taken out of `target_modules`."""
+    base: Optional[str] = None
+    """When `checkpoint.load` is an HF PEFT adapter directory: the base model it applies to
+    (an HF directory or a checkpoint); null: the adapter's own `base_model_name_or_path`."""
 
 
 @dataclass

@@ -55,8 +55,35 @@ def model_config_of(state: dict, preset: Optional[str] = None):
     return DanubeModelConfig(**state["model"])
 
 
-def load_megatron_weights(ckpt: str, model_cfg) -> Dict[str, torch.Tensor]:
-    """Every model tensor of a distributed checkpoint at full size, per-layer names."""
+def load_megatron_weights(
+    ckpt: str, model_cfg, *, lora_base: Optional[str] = None, with_base: bool = True
+) -> Dict[str, torch.Tensor]:
+    """Every model tensor of a distributed checkpoint at full size, per-layer names. A LoRA
+    run's checkpoint holds its adapters only: the base's tensors come from the base it names
+    (or `lora_base`, which must be the same model), unless `with_base` is false."""
+    from megatron_danube.models.hf_adapter import check_mcore_shapes
+    from megatron_danube.models.lora import is_adapter_name
+
+    weights = _read_model_tensors(ckpt, model_cfg)
+    recorded = (read_train_state(ckpt).get("lora") or {}) if with_base else {}
+    if recorded.get("base_manifest"):
+        from megatron_danube.training.lora_checkpoints import check_base
+
+        base = check_base(
+            recorded,
+            lora_base or recorded.get("base_checkpoint"),
+            "pass the base checkpoint it was trained on with --lora-base",
+        )
+        weights.update(_read_model_tensors(base, model_cfg))
+    if with_base:  # LoRA adapters (if any) are checked on use
+        check_mcore_shapes(
+            {k: v for k, v in weights.items() if not is_adapter_name(k)}, model_cfg, ckpt
+        )
+    return weights
+
+
+def _read_model_tensors(ckpt: str, model_cfg) -> Dict[str, torch.Tensor]:
+    """The model tensors a checkpoint stores, at full size, per-layer names."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -93,18 +120,14 @@ def load_megatron_weights(ckpt: str, model_cfg) -> Dict[str, torch.Tensor]:
         for k, v in loaded.items()
         if k in request
     }
-    from megatron_danube.models.hf_adapter import check_mcore_shapes
-    from megatron_danube.models.lora import is_adapter_name
-
-    weights = unstack_layers(weights, model_cfg.num_layers)
-    base = {k: v for k, v in weights.items() if not is_adapter_name(k)}
-    check_mcore_shapes(base, model_cfg, ckpt)  # LoRA adapters (if any) are checked on use
-    return weights
+    return unstack_layers(weights, model_cfg.num_layers)
 
 
-def build_local_model(model_cfg, dtype: torch.dtype):
-    """The whole model on this CPU process, without DDP or optimizer (forward-only work)."""
+def build_local_model(model_cfg, dtype: torch.dtype, lora: Optional[dict] = None):
+    """The whole model on this CPU process, without DDP or optimizer (forward-only work);
+    with a LoRA run's record (`lora`), its adapters in place to load."""
     from megatron_danube.config import ParallelLayout, PrecisionConfig
+    from megatron_danube.models.lora import apply_lora
     from megatron_danube.training.model_build import build_model
 
     init_single_rank(model_cfg)
@@ -116,5 +139,14 @@ def build_local_model(model_cfg, dtype: torch.dtype):
         device=torch.device("cpu"),
         precision=PrecisionConfig(params_dtype=name),
         overrides={"perform_initialization": False},
+        pre_wrap=[] if lora is None else [lambda c: apply_lora(c, model_cfg, lora_settings(lora))],
     )
     return chunks[0]
+
+
+def lora_settings(recorded: dict):
+    """A LoRA run's settings from what its checkpoints record."""
+    from megatron_danube.models.lora import LoraSettings, resolve_targets
+
+    targets = recorded.get("targets") or ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    return LoraSettings(recorded["rank"], recorded["alpha"], 0.0, resolve_targets(targets))

@@ -46,11 +46,13 @@ def megatron_logits(mcore_dir: str, input_ids: torch.Tensor, preset: Optional[st
     from megatron_danube.models.hf_adapter import local_name
 
     ckpt = resolve_checkpoint(mcore_dir)
-    model_cfg = model_config_of(read_state(ckpt), preset)
+    state = read_state(ckpt)
+    model_cfg = model_config_of(state, preset)
     weights = load_megatron_weights(ckpt, model_cfg)
     # checkpoints store norms under TE's names; the local model uses its own
     full = {local_name(k): v.float() for k, v in weights.items()}
-    model = build_local_model(model_cfg, torch.float32).eval()
+    # A LoRA run is compared as it trained: base and adapters, against its merged export.
+    model = build_local_model(model_cfg, torch.float32, lora=state.get("lora")).eval()
     load_full_weights([model], full)
     pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
     with torch.no_grad():

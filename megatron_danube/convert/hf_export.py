@@ -57,11 +57,12 @@ def to_hf(
     chat_template: Optional[str] = None,
     merge_lora: bool = False,
     peft: bool = False,
+    lora_base: Optional[str] = None,
 ) -> str:
     """Write the HF directory; `chat_template` (a name, file or text) defaults to the one a
     fine-tuning run recorded, so chat models export ready for `apply_chat_template`. A LoRA
-    run's adapters are merged into the weights (`merge_lora`) or written alone as a PEFT
-    adapter (`peft`)."""
+    run's adapters are merged into the weights (`merge_lora`, the base read from the checkpoint
+    the run recorded, or `lora_base`) or written alone as a PEFT adapter (`peft`)."""
     import safetensors.torch  # noqa: F401  (the [hf] extra: missing, it is named before any work)
 
     from megatron_danube.convert import lora_export
@@ -102,7 +103,7 @@ def to_hf(
 
         ChatTemplate(chat_template, chat_backend(tok)[1]).check()  # before anything is written
     prepare_output(save)
-    weights = load_megatron_weights(ckpt, model_cfg)
+    weights = load_megatron_weights(ckpt, model_cfg, lora_base=lora_base, with_base=not peft)
     target = DTYPES[dtype]
     adapters = lora_export.split_adapters(weights)
     if adapters and lora is None:

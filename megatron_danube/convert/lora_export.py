@@ -15,9 +15,7 @@ import torch
 
 from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.lora import hf_peft_name, is_adapter_name
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from megatron_danube.models.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 def split_adapters(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

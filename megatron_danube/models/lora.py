@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,15 @@ def _seeded_kaiming(shape, seed_text: str) -> torch.Tensor:
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
+def _check_shapes(name: str, a, b, a_shape, b_shape) -> None:
+    if tuple(a.shape) != a_shape or tuple(b.shape) != b_shape:
+        raise DanubeConfigError(
+            f"adapter {name}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit this model "
+            f"(A {a_shape}, B {b_shape} at rank {a_shape[0]}); use an adapter trained on this "
+            f"model with peft.rank={a_shape[0]}"
+        )
+
+
 def _mark_split(param: torch.nn.Parameter, dim: int) -> None:
     param.tensor_model_parallel = True
     param.partition_dim = dim
@@ -141,7 +150,15 @@ class LoRAProjection(torch.nn.Module):
 class LoRAAdapter(torch.nn.Module):
     """The adapters of one base layer; `delta(x)` is what they add to its output."""
 
-    def __init__(self, base, layer: str, settings: LoraSettings, model_cfg, layer_index: int):
+    def __init__(
+        self,
+        base,
+        layer: str,
+        settings: LoraSettings,
+        model_cfg,
+        layer_index: int,
+        initial: Optional[Dict[str, torch.Tensor]] = None,
+    ):
         super().__init__()
         self.layer, self.kind = layer, LAYERS[layer][1]
         self.scaling = settings.scaling
@@ -156,15 +173,22 @@ class LoRAAdapter(torch.nn.Module):
         self.sizes = rows
         self.projections = list(settings.targets[layer])
         r = settings.rank
+        block = LAYERS[layer][0]
         for proj in self.projections:
-            in_full = base.input_size
-            a = _seeded_kaiming((r, in_full), f"{settings.seed}|{layer_index}|{proj}")
+            name = f"decoder.layers.{layer_index}.{block}.{ADAPTER_PREFIX}{layer}.{proj}"
+            if initial is not None:  # whole tensors (an imported adapter): this rank's slice
+                a, b = initial[f"{name}.lora_A"], initial[f"{name}.lora_B"]
+                out_full = tp * self.groups * rows[proj] if self.kind == "column" else None
+                _check_shapes(name, a, b, (r, base.input_size), (out_full or base.output_size, r))
+            else:
+                a = _seeded_kaiming((r, base.input_size), f"{settings.seed}|{layer_index}|{proj}")
+                b = None
             if self.kind == "column":
                 out_local = self.groups * rows[proj]
-                b = torch.zeros(out_local, r)
+                b = torch.zeros(out_local, r) if b is None else b.chunk(tp, dim=0)[rank]
             else:
                 a = a.chunk(tp, dim=1)[rank]
-                b = torch.zeros(base.output_size, r)
+                b = torch.zeros(base.output_size, r) if b is None else b
             module = LoRAProjection(a.to(device, dtype), b.to(device, dtype), self.kind)
             setattr(self, proj, module)
 
@@ -223,9 +247,16 @@ def _layers(chunk) -> Iterator:
     yield from (decoder.layers if decoder is not None else ())
 
 
-def apply_lora(chunks: List[torch.nn.Module], model_cfg, settings: LoraSettings):
+def apply_lora(
+    chunks: List[torch.nn.Module],
+    model_cfg,
+    settings: LoraSettings,
+    initial: Optional[Dict[str, torch.Tensor]] = None,
+):
     """Add the adapters to every transformer layer of `chunks` and freeze everything else
-    (no gradient, so no DDP buffer and no optimizer state for the base weights)."""
+    (no gradient, so no DDP buffer and no optimizer state for the base weights). `initial`:
+    whole A and B tensors by megatron name (an imported HF PEFT adapter) instead of PEFT's
+    initialisation."""
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad = False
@@ -233,7 +264,9 @@ def apply_lora(chunks: List[torch.nn.Module], model_cfg, settings: LoraSettings)
             for name in settings.targets:
                 parent = getattr(layer, LAYERS[name][0])
                 base = getattr(parent, name)
-                adapter = LoRAAdapter(base, name, settings, model_cfg, layer.layer_number - 1)
+                adapter = LoRAAdapter(
+                    base, name, settings, model_cfg, layer.layer_number - 1, initial
+                )
                 setattr(parent, ADAPTER_PREFIX + name, adapter)
                 base.register_forward_hook(_adapt_output(adapter))
     return chunks

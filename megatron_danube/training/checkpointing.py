@@ -51,6 +51,13 @@ from megatron_danube.training.optimizer_state_repairs import (
 logger = logging.getLogger(__name__)
 
 
+def _only(sharded: dict, keep: Optional[Callable[[str], bool]]) -> dict:
+    """The model chunks' sharded state with the entries `keep` accepts."""
+    if keep is None:
+        return sharded
+    return {key: {n: t for n, t in part.items() if keep(n)} for key, part in sharded.items()}
+
+
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -59,8 +66,15 @@ def _barrier():
 class CheckpointManager:
     """Saves, verifies, finds and prunes a run's checkpoints; decides when a save is due."""
 
-    def __init__(self, run_dir: str, cfg: Optional[CheckpointSection] = None):
+    def __init__(
+        self,
+        run_dir: str,
+        cfg: Optional[CheckpointSection] = None,
+        holds: Optional[Callable[[str], bool]] = None,
+    ):
+        """`holds(name)`: whether model state `name` is saved (default: all of it)."""
         cfg = cfg or CheckpointSection()
+        self.holds = holds
         self.dir = os.path.join(run_dir, "checkpoints")
         self.cfg = cfg
         self.keep_last = max(1, cfg.keep_last)
@@ -104,7 +118,7 @@ class CheckpointManager:
                 shutil.rmtree(partial)  # leftovers of a save that was killed
             os.makedirs(partial)
         _barrier()
-        sharded = model_sharded_state_dict(chunks)
+        sharded = _only(model_sharded_state_dict(chunks), self.holds)
         if optimizer is not None:
             materialise_fresh_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(
@@ -230,10 +244,7 @@ class CheckpointManager:
         compat.check_readable(path, state)
         sharded = model_sharded_state_dict(chunks)
         if absent is not None:
-            sharded = {
-                key: {name: t for name, t in part.items() if not absent(name)}
-                for key, part in sharded.items()
-            }
+            sharded = _only(sharded, lambda name: not absent(name))
         if load_optimizer and optimizer is not None:
             ensure_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(

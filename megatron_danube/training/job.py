@@ -93,6 +93,17 @@ class Job:
         initial value; e.g. LoRA adapters)."""
         return False
 
+    def checkpoint_holds(self, name: str) -> bool:
+        """Whether model state `name` is saved in the run's own checkpoints. What is not (a
+        LoRA run's frozen base) is read from the start checkpoint on every resume."""
+        return True
+
+    @property
+    def start_is_base(self) -> bool:
+        """Whether every resume reads the start checkpoint first (the run's own checkpoints
+        leave part of the model out: see `checkpoint_holds`)."""
+        return False
+
     # ---------------------------------------------------------------------------- data
     def setup(self, rt) -> None:
         """Prepare data; called once on every rank after the process group exists."""

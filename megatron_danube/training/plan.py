@@ -25,6 +25,9 @@ class StartPoint:
     """Whether its manifest (sizes, CRCs) is checked before loading (`checkpoint.verify`)."""
     convert_from_hf: Optional[str] = None
     """An HF model directory that rank 0 converts into `checkpoint` once, before loading."""
+    peft_adapter: Optional[str] = None
+    """An HF PEFT adapter directory whose A and B start the LoRA adapters (its base is
+    `checkpoint`)."""
 
 
 @dataclass(frozen=True)
@@ -101,4 +104,6 @@ class Plan:
         elif self.start.checkpoint:
             optimizer = " and optimizer" if self.start.load_optimizer else ""
             parts.append(f"starts from the weights{optimizer} of {self.start.checkpoint}")
+        if self.start.peft_adapter and not self.resumes:
+            parts.append(f"adapters from PEFT {self.start.peft_adapter}")
         return "; ".join(parts)

@@ -101,15 +101,33 @@ def start_point(
     """(whether the run resumes its own checkpoints, where a fresh run's weights come from).
 
     A run with checkpoints of its own resumes from them alone: `checkpoint.load` is then not
-    read (it may have been moved or pruned since). Otherwise `checkpoint.load` must exist, be
-    trained with this run's tokenizer, and (with `required`, the job's reason) be set.
+    read (it may have been moved or pruned since), except by a LoRA run, whose checkpoints
+    hold the adapters only (the job checks the base it names). Otherwise `checkpoint.load`
+    must exist, be trained with this run's tokenizer, and (with `required`, the job's reason)
+    be set. An HF PEFT adapter directory as `checkpoint.load` starts the adapters; its base
+    (`peft.base`, or the adapter's own) gives the weights.
     """
     load, verify = cfg.checkpoint.load, cfg.checkpoint.verify
     load_optimizer = cfg.checkpoint.load_optimizer and not weights_only
+    adapter = None
+    if load and os.path.isdir(load):
+        from megatron_danube.models.peft_adapter import (
+            adapter_base,
+            is_peft_adapter_dir,
+            read_adapter_config,
+        )
+
+        if is_peft_adapter_dir(load):
+            if cfg.peft.method != "lora":
+                raise DanubeConfigError(
+                    f"checkpoint.load={load} is an HF PEFT adapter; set peft.method=lora to "
+                    f"train it, or load a full model"
+                )
+            adapter, load = load, adapter_base(load, read_adapter_config(load), cfg.peft.base)
     if run_inputs.check_resume(cfg, inputs):
         if load and os.path.isdir(load) and is_hf_model_dir(load):  # named as a fresh run would
-            return True, StartPoint(hf_start_dir(load, cfg.run_dir), False, True, load)
-        return True, StartPoint(load, load_optimizer, verify)
+            return True, StartPoint(hf_start_dir(load, cfg.run_dir), False, True, load, adapter)
+        return True, StartPoint(load, load_optimizer, verify, None, adapter)
     if not load:
         if required:
             raise DanubeConfigError(required)
@@ -118,17 +136,23 @@ def start_point(
         raise DanubeConfigError(f"checkpoint.load={load} is not a directory")
     run_inputs.check_start(load, inputs)
     if is_hf_model_dir(load):
-        return False, StartPoint(hf_start_dir(load, cfg.run_dir), False, True, load)
+        return False, StartPoint(hf_start_dir(load, cfg.run_dir), False, True, load, adapter)
     from megatron_danube.training.checkpoint_format import resolve_checkpoint
 
     # That it names a checkpoint, now; its CRCs are checked once, when it is loaded.
     resolve_checkpoint(load, "checkpoint.load", verify=False)
-    return False, StartPoint(load, load_optimizer, verify)
+    if (run_inputs.peek_train_state(load) or {}).get("lora", {}).get("base_manifest"):
+        raise DanubeConfigError(
+            f"checkpoint.load={load} holds a LoRA run's adapters only; to train them on, export "
+            f"them with danube-convert --to hf-peft and load that directory (peft.method=lora), "
+            f"or merge them (--to hf --merge-lora) and load the HF directory"
+        )
+    return False, StartPoint(load, load_optimizer, verify, None, adapter)
 
 
-def lora_settings(cfg: RunConfig, spec: str):
+def lora_settings(cfg: RunConfig, spec: str, adapter: Optional[str] = None):
     """LoRA's settings from `peft` (None without `peft.method`), checked for the resolved
-    layer `spec`."""
+    layer `spec` and, where the adapters start from an HF PEFT directory, against its config."""
     from megatron_danube.models.lora import LoraSettings, resolve_targets
 
     peft = cfg.peft
@@ -146,7 +170,34 @@ def lora_settings(cfg: RunConfig, spec: str):
             f"alpha > 0 and dropout in [0, 1)"
         )
     targets = resolve_targets(peft.target_modules, peft.exclude_modules)
+    if adapter is not None:
+        _check_adapter_fits(adapter, peft, targets)
     return LoraSettings(peft.rank, peft.alpha, peft.dropout, targets, cfg.train.seed)
+
+
+def _check_adapter_fits(adapter: str, peft, targets) -> None:
+    """An imported adapter trains as it was made: `peft` must say the same rank, alpha and
+    projections (a silent change of scale or targets would be another model)."""
+    from megatron_danube.models.peft_adapter import read_adapter_config
+
+    config = read_adapter_config(adapter)
+    ours = sorted(p for projs in targets.values() for p in projs)
+    theirs = sorted(set(config["target_modules"]))
+    differ = [
+        f"{key}={mine} but the adapter has {value}"
+        for key, mine, value in (
+            ("peft.rank", peft.rank, config.get("r")),
+            ("peft.alpha", peft.alpha, config.get("lora_alpha")),
+            ("peft.target_modules", ours, theirs),
+        )
+        if mine != value
+    ]
+    if differ:
+        raise DanubeConfigError(
+            f"checkpoint.load={adapter}: {'; '.join(differ)}; set peft to the adapter's "
+            f"values (rank {config.get('r')}, alpha {config.get('lora_alpha')}, target_modules "
+            f"{theirs})"
+        )
 
 
 def check_warmup(cfg: RunConfig, total_tokens: int, what: str) -> None:

@@ -87,7 +87,7 @@ class Trainer:
         )
         model = wrap_for_training(config, chunks, cfg.optim, self.job.total_tokens)
         self.chunks, self.optimizer, self.scheduler = model.chunks, model.optimizer, model.scheduler
-        self.checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint)
+        self.checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint, self.job.checkpoint_holds)
         self.metrics = MetricsWriter(cfg.run_dir, self.rt.is_main, cfg.logging.tensorboard)
         trainable = sum(p.numel() for c in self.chunks for p in c.parameters() if p.requires_grad)
         logger.info(
@@ -127,43 +127,60 @@ class Trainer:
         raise_rank0_problem(problem)
 
     def resume(self) -> None:
-        from megatron_danube.training.checkpoint_format import resolve_checkpoint
-
-        own, start = self.checkpoints.latest(), self.plan.start
-        source = own or start.checkpoint
-        if not source:
-            return
-        if not own:  # a run directory names its latest intact checkpoint
-            source = resolve_checkpoint(source, "checkpoint.load", verify=start.verify)
-        saved = self.checkpoints.load(
-            source,
-            self.chunks,
-            self.optimizer,
-            load_optimizer=bool(own) or start.load_optimizer,
-            verify=False,  # latest() and resolve_checkpoint() verified what they named
-            before_load=lambda saved: self._check_saved(saved, own=bool(own)),
-            absent=None if own else self.job.absent_from_start,
-        )
-        if own:  # continuing this run; a foreign checkpoint only provides the weights
-            names = [f.name for f in dataclasses.fields(TrainState)]
-            self.state = TrainState(**{k: saved[k] for k in names if k in saved})
-            self.checkpoints.last_saved_iteration = self.state.iteration
+        """Weights from the start point and/or the run's own latest checkpoint (both, where
+        the run's checkpoints hold only what trains), then the schedule where it was."""
+        own = self.checkpoints.latest()
+        if own is None or self.job.start_is_base:
+            self._load_start(resuming=own is not None)
+        if own:
+            self._load_own(own)
         if self.state.consumed_tokens:
             self.scheduler.step(increment=self.state.consumed_tokens)
         self.metrics.truncate_after(self.state.iteration)
-        if own:
-            logger.info(
-                "resumed from %s at iteration %d, %s tokens",
-                source,
-                self.state.iteration,
-                f"{self.state.consumed_tokens:,}",
-            )
-        else:
-            logger.info(
-                "starting from the weights of %s%s",
-                source,
-                " and its optimizer state" if start.load_optimizer else "",
-            )
+
+    def _load_start(self, resuming: bool) -> None:
+        from megatron_danube.training.checkpoint_format import resolve_checkpoint
+
+        start = self.plan.start
+        if not start.checkpoint:
+            return
+        source = resolve_checkpoint(start.checkpoint, "checkpoint.load", verify=start.verify)
+        load_optimizer = start.load_optimizer and not resuming
+        self.checkpoints.load(
+            source,
+            self.chunks,
+            self.optimizer,
+            load_optimizer=load_optimizer,
+            verify=False,  # resolve_checkpoint() verified what it named
+            before_load=lambda saved: self._check_saved(saved, own=False),
+            absent=self.job.absent_from_start,
+        )
+        logger.info(
+            "%s the weights of %s%s",
+            "base: " if resuming else "starting from",
+            source,
+            " and its optimizer state" if load_optimizer else "",
+        )
+
+    def _load_own(self, own: str) -> None:
+        saved = self.checkpoints.load(
+            own,
+            self.chunks,
+            self.optimizer,
+            load_optimizer=True,
+            verify=False,  # latest() verified what it named
+            before_load=lambda saved: self._check_saved(saved, own=True),
+            absent=lambda name: not self.job.checkpoint_holds(name),
+        )
+        names = [f.name for f in dataclasses.fields(TrainState)]
+        self.state = TrainState(**{k: saved[k] for k in names if k in saved})
+        self.checkpoints.last_saved_iteration = self.state.iteration
+        logger.info(
+            "resumed from %s at iteration %d, %s tokens",
+            own,
+            self.state.iteration,
+            f"{self.state.consumed_tokens:,}",
+        )
 
     def _check_saved(self, saved: dict, *, own: bool) -> None:
         """Before any tensor is read: the job learns what its own checkpoint recorded, then

@@ -167,3 +167,111 @@ def test_danube_1_8b_adapter_count_is_what_peft_reports(single_rank):
     peft_model = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=ALL))
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert lora_parameter_count(chunks) == trainable == 4_325_376
+
+
+def test_an_imported_peft_adapter_trains_and_exports_as_peft_does(single_rank, tmp_path):
+    """A PEFT adapter (A and B random) imported: PEFT's loss and gradients; one SGD step on
+    both sides; exported again, PEFT loads it and gives the megatron model's logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import MistralForCausalLM
+
+    from megatron_danube.convert.lora_export import write_peft_adapter
+    from megatron_danube.models.full_weights import full_named_parameters, load_full_weights
+    from megatron_danube.models.hf_adapter import hf_to_mcore, mistral_config
+    from megatron_danube.models.peft_adapter import read_adapter_config, read_adapter_weights
+    from megatron_danube.models.presets import get_preset
+
+    model_cfg = get_preset("danube-test")
+    torch.manual_seed(1)
+    hf = MistralForCausalLM(mistral_config(model_cfg, "eager"))
+    base_state = {k: v.clone() for k, v in hf.state_dict().items()}
+    peft_model = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=ALL))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(str(tmp_path / "imported"))
+    config = read_adapter_config(str(tmp_path / "imported"))
+    settings = LoraSettings(config["r"], config["lora_alpha"], 0.0, resolve_targets(ALL))
+    initial = read_adapter_weights(str(tmp_path / "imported"))
+    from megatron_danube.config import ParallelLayout
+    from megatron_danube.training.model_build import build_model
+
+    _, chunks = build_model(
+        model_cfg,
+        layout=ParallelLayout(),
+        spec="local",
+        device=torch.device("cpu"),
+        pre_wrap=[lambda c: apply_lora(c, model_cfg, settings, initial)],
+    )
+    ours = chunks[0]
+    full = full_named_parameters(ours)
+    base = hf_to_mcore(dict(base_state), model_cfg)  # (it takes the tensors out)
+    full.update({k: v for k, v in base.items() if k in full})
+    load_full_weights([ours], full)  # the base; the adapters are the imported ones already
+
+    ids = torch.randint(0, model_cfg.vocab_size, (2, 33), generator=torch.Generator())
+    loss, ref = _loss(model_cfg, ours, peft_model, ids)
+    assert torch.allclose(loss, ref, rtol=1e-5), (loss, ref)
+    loss.backward()
+    ref.backward()
+    theirs = {mcore_lora_name(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    assert set(mine) == set(theirs)
+    with torch.no_grad():
+        for name, p in mine.items():
+            scale = theirs[name].grad.abs().max()
+            assert (p.grad - theirs[name].grad).abs().max() <= 1e-5 * scale + 1e-9, name
+            p -= 0.5 * p.grad
+            theirs[name] -= 0.5 * theirs[name].grad
+
+    adapters = {k: v for k, v in full_named_parameters(ours).items() if ".lora_" in k}
+    record = dict(rank=RANK, alpha=ALPHA, dropout=0.0)
+    (tmp_path / "exported").mkdir()
+    write_peft_adapter(adapters, record, str(tmp_path / "exported"), "base", torch.float32)
+    fresh = MistralForCausalLM(mistral_config(model_cfg, "eager"))
+    fresh.load_state_dict(base_state)
+    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "exported")).eval()
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        after = ours(ids, pos, None)[..., : model_cfg.vocab_size]
+        assert (reloaded(input_ids=ids).logits - after).abs().max() < 1e-4
+        assert (peft_model(input_ids=ids).logits - after).abs().max() < 1e-4
+
+
+def test_base_weights_stay_bit_identical_through_optimizer_steps(single_rank):
+    """Through megatron's DDP and AdamW (with weight decay): only the adapters move."""
+    from megatron_danube.config.sections import OptimSection
+    from megatron_danube.models.presets import get_preset
+    from megatron_danube.training.model_build import build_model, wrap_for_training
+    from megatron_danube.training.step import causal_lm_batch, train_step
+
+    model_cfg = get_preset("danube-test")
+    settings = LoraSettings(RANK, ALPHA, 0.0, resolve_targets(ALL))
+    from megatron_danube.config import ParallelLayout
+
+    config, chunks = build_model(
+        model_cfg,
+        layout=ParallelLayout(),
+        spec="local",
+        device=torch.device("cpu"),
+        pre_wrap=[lambda c: apply_lora(c, model_cfg, settings)],
+    )
+    model = wrap_for_training(config, chunks, OptimSection(lr=0.01, weight_decay=0.1), 10_000)
+    before = {n: p.detach().clone() for n, p in model.chunks[0].named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch = causal_lm_batch(torch.randint(0, model_cfg.vocab_size, (1, 17), generator=gen))
+        result = train_step(
+            model.chunks,
+            model.optimizer,
+            [iter([batch])],
+            num_microbatches=1,
+            seq_length=16,
+            micro_batch_size=1,
+        )
+        assert not result["skipped"]
+    after = dict(model.chunks[0].named_parameters())
+    moved = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    assert moved and all(".lora_linear_" in n for n in moved), moved[:3]
+    assert sum(".lora_B" in n for n in moved) == 7 * model_cfg.num_layers  # every B left zero

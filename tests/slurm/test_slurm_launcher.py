@@ -253,7 +253,7 @@ def test_slurm_finetune_script_runs_sft_and_derives_the_run_dir(slurm, tmp_path)
     import json
 
     from megatron_danube.data.demo_chat import conversations
-    from tests.training.test_dpo import hf_model
+    from tests.training.conftest import hf_model
 
     train, _ = conversations()
     data = tmp_path / "chat.jsonl"

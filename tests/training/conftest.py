@@ -76,3 +76,37 @@ def other_tokenizer(tmp_path_factory):
         minloglevel=2,
     )
     return f"{prefix}.model"
+
+
+def hf_model(path, seed):
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from megatron_danube.data.chat.template import DANUBE_TEMPLATE
+    from megatron_danube.data.hf_tokenizer import save_hf_tokenizer
+    from megatron_danube.data.tokenizer import load_tokenizer
+    from megatron_danube.models.hf_adapter import hf_config_dict
+    from megatron_danube.models.presets import get_preset
+
+    torch.manual_seed(seed)
+    config = MistralConfig(**hf_config_dict(get_preset("danube-tiny"), "float32"))
+    MistralForCausalLM(config).save_pretrained(str(path))
+    save_hf_tokenizer(load_tokenizer("mistral-v1"), str(path), chat_template=DANUBE_TEMPLATE)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A random danube-tiny as an HF Mistral directory (tokenizer and chat template too)."""
+    return hf_model(tmp_path_factory.mktemp("hf_start"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """Six preference pairs of the demo set, as JSONL."""
+    from megatron_danube.data.demo_chat import preference_pairs
+
+    train, _ = preference_pairs()
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(train[i]) + "\n" for i in (0, 5, 10, 17, 22, 29)))
+    return str(path)

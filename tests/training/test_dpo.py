@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.launch import run_finetune
+from tests.training.conftest import hf_model
 
 pytestmark = pytest.mark.slow
 
@@ -35,38 +36,6 @@ def finetune(run_dir, *overrides, nproc=1, config="tests/training/tiny_dpo.yaml"
 def metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-def hf_model(path, seed):
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from megatron_danube.data.chat.template import DANUBE_TEMPLATE
-    from megatron_danube.data.hf_tokenizer import save_hf_tokenizer
-    from megatron_danube.data.tokenizer import load_tokenizer
-    from megatron_danube.models.hf_adapter import hf_config_dict
-    from megatron_danube.models.presets import get_preset
-
-    torch.manual_seed(seed)
-    config = MistralConfig(**hf_config_dict(get_preset("danube-tiny"), "float32"))
-    MistralForCausalLM(config).save_pretrained(str(path))
-    save_hf_tokenizer(load_tokenizer("mistral-v1"), str(path), chat_template=DANUBE_TEMPLATE)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    return hf_model(tmp_path_factory.mktemp("hf_start"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    from megatron_danube.data.demo_chat import preference_pairs
-
-    train, _ = preference_pairs()
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(train[i]) + "\n" for i in (0, 5, 10, 17, 22, 29)))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

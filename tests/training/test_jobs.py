@@ -254,3 +254,60 @@ def test_pretraining_refuses_peft(tmp_path):
     cfg = load_config(DEMO, ["peft.method=lora", f"run_dir={tmp_path / 'r'}"])
     with pytest.raises(DanubeConfigError, match="peft trains adapters of a fine-tuning job"):
         build_plan(cfg)
+
+
+def _peft_dir(tmp_path, **config):
+    """An HF PEFT adapter directory as PEFT writes it (the tensors are never read here)."""
+    import json
+
+    path = tmp_path / "adapter"
+    path.mkdir(parents=True)
+    saved = dict(
+        peft_type="LORA",
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        base_model_name_or_path="someone/remote-model",
+    )
+    saved.update(config)
+    (path / "adapter_config.json").write_text(json.dumps(saved))
+    (path / "adapter_model.safetensors").write_bytes(b"")
+    return str(path)
+
+
+SFT = "tests/training/tiny_sft.yaml"
+LORA_Q_V = ["peft.method=lora", "peft.rank=4", "peft.target_modules=[q_proj,v_proj]"]
+
+
+def test_a_peft_adapter_starts_a_lora_run_on_its_base(tiny_start, tmp_path):
+    from tests.training.conftest import plan_error
+
+    adapter = _peft_dir(tmp_path)
+    common = [*tiny_start.chat, f"run_dir={tmp_path / 'run'}", f"checkpoint.load={adapter}"]
+    plan = build_plan(load_config(SFT, [*common, *LORA_Q_V, f"peft.base={tiny_start}"]))
+    assert plan.start.peft_adapter == adapter and plan.start.checkpoint == str(tiny_start)
+    assert plan.lora.rank == 4 and plan.lora.targets == {"linear_qkv": ("q_proj", "v_proj")}
+    assert "adapters from PEFT" in plan.summary()
+    base = f"peft.base={tiny_start}"
+    assert "is an HF PEFT adapter; set peft.method=lora" in plan_error(*common, config=SFT)
+    assert "not a local directory; set peft.base" in plan_error(*common, *LORA_Q_V, config=SFT)
+    wrong = plan_error(*common, "peft.method=lora", base, config=SFT)
+    assert "peft.rank=8 but the adapter has 4" in wrong and "target_modules" in wrong
+    dora = _peft_dir(tmp_path / "d", use_dora=True)
+    common[-1] = f"checkpoint.load={dora}"
+    assert "use_dora is not plain LoRA" in plan_error(*common, *LORA_Q_V, base, config=SFT)
+
+
+def test_a_lora_checkpoint_is_not_a_full_start_and_adapters_off_needs_lora(tiny_start, tmp_path):
+    import json
+
+    from tests.training.conftest import plan_error
+
+    common = [*tiny_start.chat, f"run_dir={tmp_path / 'run'}", f"checkpoint.load={tiny_start}"]
+    state = {"iteration": 1, "lora": {"rank": 4, "base_manifest": "0123"}}
+    (tmp_path / "start" / "train_state.json").write_text(json.dumps(state))
+    assert "holds a LoRA run's adapters only" in plan_error(*common, config=SFT)
+    dpo = "tests/training/tiny_dpo.yaml"
+    assert "set peft.method=lora, or dpo.reference=precomputed" in plan_error(
+        *common, "dpo.reference=adapters_off", config=dpo
+    )

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import REPO
 from tests.launch import launch, run_finetune
-from tests.training.test_dpo import hf_model
+from tests.training.conftest import hf_model
 
 pytestmark = pytest.mark.slow
 
@@ -62,35 +62,82 @@ def test_resume_is_exact(setup, lora_run):
     assert losses(str(split)) == losses(lora_run)
 
 
-def test_the_base_weights_are_bit_identical_after_training(lora_run):
-    """The run's checkpoint holds the start's weights untouched next to the adapters."""
-    start = [d for d in os.listdir(lora_run) if d.startswith("base_from_hf-")][0]
+def test_checkpoints_hold_the_adapters_only_and_name_their_base(lora_run):
+    """No base tensor in the run's checkpoints; the base is named by its manifest's hash."""
     code = (
-        "import sys, torch\n"
+        "import sys, os\n"
         "from megatron_danube.convert.checkpoint_io import load_megatron_weights, read_state\n"
         "from megatron_danube.convert.checkpoint_io import model_config_of, resolve_checkpoint\n"
         "from megatron_danube.models.lora import is_adapter_name\n"
-        "a, b = (resolve_checkpoint(p) for p in sys.argv[1:3])\n"
-        "cfg = model_config_of(read_state(a))\n"
-        "wa, wb = load_megatron_weights(a, cfg), load_megatron_weights(b, cfg)\n"
-        "base = [k for k in wa if not is_adapter_name(k)]\n"
-        "assert set(base) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in base)\n"
-        "assert sum(is_adapter_name(k) for k in wa) > 0\n"
-        "print('identical', len(base))\n"
+        "from megatron_danube.training.lora_checkpoints import manifest_hash\n"
+        "ckpt = resolve_checkpoint(sys.argv[1])\n"
+        "state = read_state(ckpt)\n"
+        "stored = load_megatron_weights(ckpt, model_config_of(state), with_base=False)\n"
+        "assert stored and all(is_adapter_name(k) for k in stored), sorted(stored)[:3]\n"
+        "base = state['lora']['base_checkpoint']\n"
+        "assert state['lora']['base_manifest'] == manifest_hash(base)\n"
+        "size = lambda d: sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) "
+        "for f in fs)\n"
+        "print('sizes', size(ckpt), size(base), len(stored))\n"
     )
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.run(
-        [sys.executable, "-c", code, lora_run, os.path.join(lora_run, start)],
+        [sys.executable, "-c", code, lora_run],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0 and "identical" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "sizes" in proc.stdout, proc.stderr[-3000:]
+    _, run_bytes, base_bytes, tensors = proc.stdout.split()
+    assert int(tensors) == 2 * 7 * 4  # A and B of seven projections, four layers
+    assert int(run_bytes) < int(base_bytes) / 4
 
 
-def test_exports_merged_and_as_a_peft_adapter_agree(setup, lora_run, tmp_path):
+@pytest.fixture(scope="module")
+def two_bases(setup):
+    """Two megatron checkpoints of different random models (danube-convert --to mcore)."""
+    root, start, _ = setup
+    other = hf_model(root / "other_hf", seed=1)
+    out = []
+    for name, hf in (("base_a", start), ("base_b", other)):
+        args = ["--to", "mcore", "--load", hf, "--save", root / name, "--dtype", "float32"]
+        launch("megatron_danube.cli.convert", *args, check=True)
+        out.append(root / name)
+    return out
+
+
+def test_resuming_on_another_base_is_refused_and_keeps_the_checkpoints(setup, two_bases):
+    import shutil
+
+    root, _, args = setup
+    base_a, base_b = two_bases
+    moving = root / "moving_base"
+    shutil.copytree(base_a, moving)
+    run_dir = root / "on_moving_base"
+    args = [a for a in args if not a.startswith("checkpoint.load=")]
+    run = ["train.exit_after_steps=2", f"checkpoint.load={moving}", *args]
+    run_finetune(run_dir, *run, config="tests/training/tiny_sft.yaml")
+    before = sorted(os.listdir(run_dir / "checkpoints"))
+    shutil.rmtree(moving)
+    shutil.copytree(base_b, moving)  # another model where the base was
+    proc = run_finetune(
+        run_dir, *run, config="tests/training/tiny_sft.yaml", nproc=1, check=False
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "is another model (manifest" in lines[0], lines[-3:]
+    assert "set checkpoint.load" in lines[0]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == before
+    # The same base back in place: the run goes on.
+    shutil.rmtree(moving)
+    shutil.copytree(base_a, moving)
+    run_finetune(run_dir, *run, config="tests/training/tiny_sft.yaml")
+    assert len(losses(str(run_dir))) == 4
+
+
+def test_exports_merged_and_as_a_peft_adapter_agree(setup, lora_run, two_bases, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -129,3 +176,23 @@ def test_exports_merged_and_as_a_peft_adapter_agree(setup, lora_run, tmp_path):
         one_model = AutoModelForCausalLM.from_pretrained(str(merged))(input_ids=ids).logits
     assert (with_adapter - one_model).abs().max() < 1e-4
     assert (with_adapter - before).abs().max() > 1e-2  # the adapters learnt something
+    # danube-compare runs the LoRA model as it trained (base + adapters) against the merge.
+    compared = launch(
+        "megatron_danube.cli.compare", "--hf", merged, "--mcore", lora_run, check=True
+    ).stdout
+    diff = float(compared.split("max_abs_logit_diff:")[1].split()[0])
+    assert diff < 1e-4, compared
+    # A merge on another base than the adapters were trained on is refused.
+    wrong = launch(
+        "megatron_danube.cli.convert",
+        "--to",
+        "hf",
+        "--merge-lora",
+        *args,
+        "--lora-base",
+        two_bases[1],
+        "--save",
+        tmp_path / "wrong",
+    )
+    assert wrong.returncode == 2 and "is another model (manifest" in wrong.stderr
+    assert not (tmp_path / "wrong").exists()

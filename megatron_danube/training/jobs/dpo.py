@@ -6,10 +6,13 @@ vocab-parallel cross entropy, exact under TP) over each completion, and the loss
 is summed, then divided once by the number of pairs in the global batch (megatron's
 `calculate_per_token_loss` with pairs as the unit).
 
-The reference model is the starting weights. Before the first step one forward pass over all
-pairs (training and held-out) records its log-probabilities in `RUN_DIR/reference_logps.npz`,
-keyed by a hash of the reference checkpoint's manifest and of the tokenized data (which covers
-tokenizer, template and files); a resume with anything else is a one-line error.
+The reference model is the starting weights (`dpo.reference: precomputed`). Before the first
+step one forward pass over all pairs (training and held-out) records its log-probabilities in
+`RUN_DIR/reference_logps.npz`, keyed by a hash of the reference checkpoint's manifest and of the
+tokenized data (which covers tokenizer, template and files); a resume with anything else is a
+one-line error. With LoRA, `dpo.reference: adapters_off` takes the reference from the same model
+with its adapters switched off: one extra forward pass over each step's pairs (and once over the
+held-out pairs, the base being frozen), no file, and no second model.
 """
 
 from __future__ import annotations
@@ -111,6 +114,8 @@ class DPOJob(SFTJob):
         self.forward_step = partial(packed_step, partial(_dpo_loss, settings=self.cfg.dpo))
         self.reference = {}
         self.resumed_key = None  # the reference key the run's own checkpoints recorded
+        self.adapters_off = self.cfg.dpo.reference == "adapters_off"
+        self.run = None
 
     @staticmethod
     def loss(reports: Dict[str, torch.Tensor]) -> float:
@@ -163,9 +168,36 @@ class DPOJob(SFTJob):
         return batch
 
     # ---------------------------------------------------------------------------- reference
+    def train_batch(self, state):
+        if self.adapters_off:
+            self._reference_by_base(self.train_samples, self.step_packs(state))
+        return super().train_batch(state)
+
+    def eval_batches(self, state):
+        if self.adapters_off and self.valid_samples is not None:
+            if id(self.valid_samples) not in self.reference:  # the base is frozen: once
+                self._reference_by_base(self.valid_samples, self.valid_packs)
+        return super().eval_batches(state)
+
+    def _reference_by_base(self, samples, packs) -> None:
+        """The reference log-probabilities of `packs`: the model with its adapters off."""
+        from megatron_danube.models.lora import adapters_disabled
+
+        with adapters_disabled(self.adapted_chunks):
+            self.reference[id(samples)] = self._reference_logps(self.run, samples, packs)
+
     def restored(self, saved: dict) -> None:
         """A resume keeps the reference its checkpoints recorded; a start that still exists
         and is now another model is a changed input, refused."""
+        super().restored(saved)
+        before = "adapters_off" if saved.get("reference") == "adapters_off" else "precomputed"
+        if "reference" in saved and before != self.cfg.dpo.reference:
+            raise DanubeConfigError(
+                f"{self.cfg.run_dir} trained with dpo.reference={before}; restore it (another "
+                f"reference is another objective), or start a new run_dir"
+            )
+        if self.adapters_off:
+            return  # the reference is the base, which the LoRA checks have named
         self.resumed_key = saved.get("reference")
         start = self.plan.start
         if start.convert_from_hf:  # an HF start: its conversion is named by its files
@@ -206,10 +238,19 @@ class DPOJob(SFTJob):
         ckpt = resolve_checkpoint(self.plan.start.checkpoint, "checkpoint.load", verify=False)
         with open(reference_manifest(ckpt), "rb") as f:
             manifest = f.read()
+        if self.plan.start.peft_adapter:  # the start's adapters are part of the reference
+            from megatron_danube.models.peft_adapter import ADAPTER_WEIGHTS
+            from megatron_danube.training.run_inputs import files_digest
+
+            adapter = os.path.join(self.plan.start.peft_adapter, ADAPTER_WEIGHTS)
+            manifest += files_digest([adapter]).encode()
         return hashlib.sha256(manifest + b"|" + str(self.data_key).encode()).hexdigest()[:24]
 
     def after_resume(self, run: RunContext) -> None:
         """Load the reference log-probabilities, or compute them from the starting weights."""
+        self.run = run
+        if self.adapters_off:
+            return  # computed with each step
         path = os.path.join(self.cfg.run_dir, REFERENCE_FILE)
         key = self.reference_key()
         # One unshuffled pass: each pair once, whatever the epochs.
@@ -271,6 +312,8 @@ class DPOJob(SFTJob):
         return run.forward_only(batches, step, {"ref": total})["ref"].cpu().numpy()
 
     def state_extra(self, state) -> dict:
+        if self.adapters_off:
+            return dict(super().state_extra(state), reference="adapters_off")
         return dict(
             super().state_extra(state),
             reference=self.reference_key(),
@@ -290,9 +333,14 @@ def reference_manifest(checkpoint: str) -> str:
 
 
 def plan(cfg: RunConfig) -> Plan:
+    if cfg.dpo.reference == "adapters_off" and cfg.peft.method != "lora":
+        raise DanubeConfigError(
+            "dpo.reference=adapters_off takes the reference from the model with its LoRA "
+            "adapters off; set peft.method=lora, or dpo.reference=precomputed"
+        )
     planned = chat_plan(cfg, pairs=True)
     start = planned.start
-    if not planned.resumes and not start.convert_from_hf:
+    if cfg.dpo.reference == "precomputed" and not planned.resumes and not start.convert_from_hf:
         from megatron_danube.training.checkpoint_format import resolve_checkpoint
 
         reference_manifest(resolve_checkpoint(start.checkpoint, "checkpoint.load", verify=False))

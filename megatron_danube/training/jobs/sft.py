@@ -100,8 +100,26 @@ def chat_plan(cfg: RunConfig, *, pairs: bool = False) -> Plan:
             template=template,
             files=files,
         ),
-        lora=preflight.lora_settings(cfg, layout[2]),
+        lora=_lora(cfg, layout[2], resumes, start),
     )
+
+
+def _lora(cfg: RunConfig, spec: str, resumes: bool, start):
+    """LoRA's settings; a resuming LoRA run's base must be the one its adapters were trained on
+    (its checkpoints hold the adapters only)."""
+    lora = preflight.lora_settings(cfg, spec, None if resumes else start.peft_adapter)
+    if lora is not None and resumes:
+        from megatron_danube.training.lora_checkpoints import check_base
+
+        state = run_inputs.peek_train_state(os.path.join(cfg.run_dir, "checkpoints")) or {}
+        recorded = state.get("lora") or {}
+        if "base_manifest" in recorded:
+            check_base(
+                recorded,
+                start.checkpoint,
+                "set checkpoint.load to that base, or start a new run_dir",
+            )
+    return lora
 
 
 def _check_chat_values(cfg: RunConfig, pairs: bool) -> None:
@@ -157,12 +175,48 @@ class SFTJob(Job):
             return chunks
         from megatron_danube.models.lora import apply_lora
 
-        return apply_lora(chunks, self.model_cfg, self.plan.lora)
+        initial = None
+        if self.plan.start.peft_adapter and not self.plan.resumes:
+            from megatron_danube.models.peft_adapter import read_adapter_weights
+
+            initial = read_adapter_weights(self.plan.start.peft_adapter)
+        self.adapted_chunks = apply_lora(chunks, self.model_cfg, self.plan.lora, initial)
+        return self.adapted_chunks
 
     def absent_from_start(self, name: str) -> bool:
         from megatron_danube.models.lora import is_adapter_name
 
         return self.plan.lora is not None and is_adapter_name(name)
+
+    def checkpoint_holds(self, name: str) -> bool:
+        from megatron_danube.models.lora import is_adapter_name
+
+        return self.plan.lora is None or is_adapter_name(name)
+
+    @property
+    def start_is_base(self) -> bool:
+        return self.plan.lora is not None
+
+    def restored(self, saved: dict) -> None:
+        """A LoRA run resumes with the adapters' shape and scale it saved."""
+        recorded, lora = saved.get("lora"), self.plan.lora
+        if lora is None or recorded is None:
+            if (lora is None) != (recorded is None):
+                now = "with" if lora is not None else "without"
+                raise DanubeConfigError(
+                    f"{self.cfg.run_dir} holds checkpoints of a run "
+                    f"{'with' if recorded else 'without'} LoRA adapters and this config is "
+                    f"{now} them (peft.method); restore peft.method, or start a new run_dir"
+                )
+            return
+        targets = sorted(p for projs in lora.targets.values() for p in projs)
+        now = dict(rank=lora.rank, alpha=lora.alpha, targets=targets)
+        before = {k: recorded.get(k, now[k]) for k in now}
+        if before != now:
+            raise DanubeConfigError(
+                f"{self.cfg.run_dir} holds adapters with {before} but peft now says {now}; "
+                f"restore peft, or start a new run_dir"
+            )
 
     # ------------------------------------------------------------------------------ data
     def setup(self, rt) -> None:
@@ -291,12 +345,14 @@ class SFTJob(Job):
             labels={"seq_length": self.seq_length},
         )
 
-    def train_batch(self, state: TrainState) -> StepBatch:
+    def step_packs(self, state: TrainState) -> List[List[int]]:
+        """The packs the step after `state` reads (a function of the step index only)."""
         step = state.consumed_tokens // self.cfg.train.global_batch_tokens
         first = step * self.packs_per_step
-        return self._batch(
-            self.train_samples, self.train_packs[first : first + self.packs_per_step]
-        )
+        return self.train_packs[first : first + self.packs_per_step]
+
+    def train_batch(self, state: TrainState) -> StepBatch:
+        return self._batch(self.train_samples, self.step_packs(state))
 
     def eval_batches(self, state: TrainState) -> List[StepBatch]:
         n = self.packs_per_step
@@ -317,9 +373,19 @@ class SFTJob(Job):
         # The export writes this template into tokenizer_config.json (danube-convert --to hf).
         extra = {"job": self.name, "chat_data": self.data_key, "chat_template": self.template}
         if self.plan.lora is not None:  # what danube-convert needs to merge or export them
-            lora = self.plan.lora
-            base = self.plan.start.convert_from_hf or self.plan.start.checkpoint
-            extra["lora"] = dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, base=base)
+            from megatron_danube.training.lora_checkpoints import base_record
+
+            lora, start = self.plan.lora, self.plan.start
+            if not hasattr(self, "_base_record"):  # the base never changes during a run
+                self._base_record = base_record(start.checkpoint)
+            extra["lora"] = dict(
+                rank=lora.rank,
+                alpha=lora.alpha,
+                dropout=lora.dropout,
+                targets=sorted(p for projs in lora.targets.values() for p in projs),
+                base=start.convert_from_hf or start.checkpoint,
+                **self._base_record,
+            )
         return extra
 
     def schedule(self) -> dict:
