@@ -122,9 +122,7 @@ def test_resuming_on_another_base_is_refused_and_keeps_the_checkpoints(setup, tw
     before = sorted(os.listdir(run_dir / "checkpoints"))
     shutil.rmtree(moving)
     shutil.copytree(base_b, moving)  # another model where the base was
-    proc = run_finetune(
-        run_dir, *run, config="tests/training/tiny_sft.yaml", nproc=1, check=False
-    )
+    proc = run_finetune(run_dir, *run, config="tests/training/tiny_sft.yaml", nproc=1, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "is another model (manifest" in lines[0], lines[-3:]
