@@ -20,11 +20,20 @@ from megatron_danube.errors import DanubeConfigError
 _SCALARS = (bool, int, float, str)
 
 
+# Keys of earlier releases, and what says the same now.
+RENAMED_KEYS = {
+    "chat.pack": "'chat.packing': bfd (best fit) | greedy (chat.pack: true) | none (chat.pack: "
+    "false)",
+}
+
+
 def unknown_key(full: str, known) -> DanubeConfigError:
     """'unknown config key' with the closest known keys, or all of them when there are few;
     a key of a newer megatron-core (compat.py knows which) names the release."""
     from megatron_danube.compat import key_added_in
 
+    if full in RENAMED_KEYS:
+        return DanubeConfigError(f"config key {full!r} is now {RENAMED_KEYS[full]}")
     release = key_added_in(full)
     if release:
         return DanubeConfigError(

@@ -201,8 +201,10 @@ class ChatSection:
     """Tokens per packed row; longer conversations are cut (DPO: each side to half of it)."""
     truncation: Literal["left", "right"] = "left"
     """Which end of a too-long conversation is cut (left keeps the last answer)."""
-    pack: bool = True
-    """Several conversations per row, attention isolated per conversation; false: one each."""
+    packing: Literal["bfd", "greedy", "none"] = "bfd"
+    """Several conversations per row, attention isolated per conversation: `bfd` best-fit
+    decreasing (rows nearly full; the packs shuffled each epoch), `greedy` in shuffled order;
+    `none`: one conversation (DPO: one pair) per row."""
     epochs: int = 1
     """Passes over the training data (each shuffled with `data.seed` + epoch)."""
     demo_dir: Optional[str] = None

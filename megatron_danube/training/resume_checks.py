@@ -28,12 +28,21 @@ def _differences(saved: dict, current: dict, prefix: str = ""):
             yield f"{prefix}{key}", saved.get(key), current.get(key)
 
 
+def _as_now(schedule: dict) -> dict:
+    """A schedule recorded by an earlier release, in today's keys (`chat.pack` was greedy
+    packing or none), so a resume compares like with like."""
+    schedule = dict(schedule)
+    if "chat.pack" in schedule:
+        schedule["chat.packing"] = "greedy" if schedule.pop("chat.pack") else "none"
+    return schedule
+
+
 def check(saved: dict, current: dict, allow_changes: List[str], *, own: bool) -> None:
     """Raise when `saved` (a checkpoint's train state) conflicts with this run's `current`."""
     allowed = set(allow_changes)
     changes = list(_differences(saved.get("model") or {}, current["model"], "model."))
     if own and "schedule" in saved:
-        changes += list(_differences(saved["schedule"], current["schedule"]))
+        changes += list(_differences(_as_now(saved["schedule"]), current["schedule"]))
     for name, before, now in changes:
         if name in allowed or (name.startswith("model.") and "model" in allowed):
             continue

@@ -8,7 +8,13 @@ import pytest
 
 from megatron_danube.data.chat.dataset import ChatSamples, encode_files, load_or_build
 from megatron_danube.data.chat.encoder import ChatEncoder, SampleError
-from megatron_danube.data.chat.packing import epoch_packs, greedy_packs, packed_microbatch
+from megatron_danube.data.chat.packing import (
+    bfd_packs,
+    epoch_packs,
+    fill_rate,
+    greedy_packs,
+    packed_microbatch,
+)
 from megatron_danube.data.chat.records import BadRecords, messages_of
 from megatron_danube.data.chat.template import DANUBE_TEMPLATE, resolve_template
 from megatron_danube.data.tokenizer import load_tokenizer
@@ -236,10 +242,49 @@ def test_packing_restarts_positions_and_labels_per_conversation():
 
 def test_unpacked_and_epochs_shuffle_differently():
     lengths = np.array([3] * 10)
-    one = epoch_packs(lengths, 10, epochs=2, seed=1, pack=False, shuffle=True)
+    one = epoch_packs(lengths, 10, epochs=2, seed=1, packing="none", shuffle=True)
     assert len(one) == 20 and all(len(p) == 1 for p in one)
     assert [p[0] for p in one[:10]] != [p[0] for p in one[10:]]
     assert sorted(p[0] for p in one[:10]) == list(range(10))
+
+
+@pytest.mark.parametrize("seq_length", [64, 2048, 16384])
+def test_bfd_fits_every_sample_once_and_fills_at_least_as_well_as_greedy(seq_length):
+    rng = np.random.default_rng(seq_length)
+    lengths = np.minimum(
+        rng.lognormal(np.log(seq_length / 8), 0.9, 3000).astype(int) + 1, seq_length
+    )
+    packs = bfd_packs(lengths, seq_length)
+    assert sorted(i for p in packs for i in p) == list(range(len(lengths)))
+    assert max(sum(int(lengths[i]) for i in p) for p in packs) <= seq_length
+    greedy = greedy_packs(lengths, rng.permutation(len(lengths)), seq_length)
+    assert fill_rate(lengths, packs, seq_length) >= fill_rate(lengths, greedy, seq_length)
+    # Best fit: no two packs could merge (else the later one's items would have fitted).
+    loads = sorted(sum(int(lengths[i]) for i in p) for p in packs)
+    assert loads[0] + loads[1] > seq_length
+
+
+def test_bfd_places_each_sample_in_the_fullest_pack_it_fits():
+    # 6 opens a pack (4 free), 5 opens one (5 free), 4 goes to the fuller first (4 free).
+    assert bfd_packs(np.array([4, 6, 5]), 10) == [[1, 0], [2]]
+    assert bfd_packs(np.array([3, 9, 7, 2, 1]), 10) == [[1, 4], [2, 0], [3]]
+
+
+def test_bfd_packs_are_shuffled_per_epoch_under_the_seed():
+    lengths = np.random.default_rng(0).integers(1, 9, 200)
+    run = epoch_packs(lengths, 16, epochs=3, seed=5, packing="bfd", shuffle=True)
+    again = epoch_packs(lengths, 16, epochs=3, seed=5, packing="bfd", shuffle=True)
+    other = epoch_packs(lengths, 16, epochs=3, seed=6, packing="bfd", shuffle=True)
+    per_epoch = len(run) // 3
+    epochs = [run[i * per_epoch : (i + 1) * per_epoch] for i in range(3)]
+    assert run == again and run != other
+    assert epochs[0] != epochs[1] != epochs[2]
+    for epoch in epochs:  # every sample once per epoch, rows not sorted by length
+        assert sorted(i for p in epoch for i in p) == list(range(200))
+    loads = [sum(int(lengths[i]) for i in p) for p in epochs[0]]
+    assert loads != sorted(loads, reverse=True)
+    fixed = epoch_packs(lengths, 16, epochs=1, seed=5, packing="bfd", shuffle=False)
+    assert fixed == bfd_packs(lengths, 16)
 
 
 def test_template_resolution(tmp_path):

@@ -329,7 +329,9 @@ def test_packed_sft_through_te_thd_equals_conversations_one_at_a_time(window):
 
     model_cfg = get_preset("danube-1.8b").replace(num_layers=4, sliding_window=window)
     samples = conversations(model_cfg.vocab_size)
-    packs = epoch_packs(samples.lengths, THD_ROW, epochs=1, seed=1, pack=True, shuffle=False)[:2]
+    packs = epoch_packs(samples.lengths, THD_ROW, epochs=1, seed=1, packing="bfd", shuffle=False)[
+        :2
+    ]
     used = [i for p in packs for i in p]
     batch = packed_microbatch(samples, packs, THD_ROW, pad_id=0)
 

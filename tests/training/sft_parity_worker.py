@@ -66,7 +66,7 @@ def conversations() -> ChatSamples:
         samples = ChatSamples(
             np.concatenate(tokens), np.concatenate(labels), np.concatenate(masks), offsets, {}
         )
-        packs = epoch_packs(samples.lengths, SEQ, epochs=1, seed=1, pack=True, shuffle=False)
+        packs = epoch_packs(samples.lengths, SEQ, epochs=1, seed=1, packing="bfd", shuffle=False)
         if len(packs) > ROWS:
             used = [i for p in packs[:ROWS] for i in p]
             return samples.subset(np.array(used))
@@ -107,7 +107,7 @@ def _named(model):
 
 
 def packed_iterators(samples, mbs: int, dp_rank: int, dp_size: int, documents: bool):
-    packs = epoch_packs(samples.lengths, SEQ, epochs=1, seed=1, pack=True, shuffle=False)
+    packs = epoch_packs(samples.lengths, SEQ, epochs=1, seed=1, packing="bfd", shuffle=False)
     assert len(packs) == ROWS, len(packs)
     per_rank = ROWS // dp_size
     mine = packs[dp_rank * per_rank : (dp_rank + 1) * per_rank]

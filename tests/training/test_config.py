@@ -164,3 +164,18 @@ def test_a_key_of_a_newer_megatron_core_says_so():
     with pytest.raises(DanubeConfigError, match="needs megatron-core 0.18 or newer") as e:
         load_config(DEMO, ["optim.grad_norm_skip_threshold=5"])
     assert "\n" not in str(e.value)
+
+
+def test_a_renamed_key_says_what_it_is_now_and_old_schedules_compare_as_today():
+    from megatron_danube.training import resume_checks
+
+    with pytest.raises(DanubeConfigError, match="'chat.pack' is now 'chat.packing': bfd"):
+        load_config(DEMO, ["chat.pack=true"])
+    current = {"model": {}, "schedule": {"chat.packing": "bfd", "job": "sft"}}
+    for pack, before in ((True, "greedy"), (False, "none")):
+        saved = {"model": {}, "schedule": {"chat.pack": pack, "job": "sft"}}
+        with pytest.raises(DanubeConfigError, match=f"chat.packing='{before}' but this run has"):
+            resume_checks.check(saved, current, [], own=True)
+    saved = {"model": {}, "schedule": {"chat.pack": True, "job": "sft"}}
+    now = {"model": {}, "schedule": {"chat.packing": "greedy", "job": "sft"}}
+    resume_checks.check(saved, now, [], own=True)  # the same packing: resumes

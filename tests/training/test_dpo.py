@@ -151,7 +151,7 @@ def test_overfit_sixteen_pairs(tmp_path, start):
         f"chat.train=[{path}]",
         f"chat.valid=[{path}]",
         f"checkpoint.load={start}",
-        "chat.pack=true",
+        "chat.packing=bfd",
         "chat.epochs=12",
         "train.global_batch_tokens=2048",
         "optim.optimizer=adam",

@@ -127,10 +127,17 @@ def test_resuming_on_another_base_is_refused_and_keeps_the_checkpoints(setup, tw
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "is another model (manifest" in lines[0], lines[-3:]
     assert "set checkpoint.load" in lines[0]
-    assert sorted(os.listdir(run_dir / "checkpoints")) == before
-    # The same base back in place: the run goes on.
+    # The base back in place but other adapters asked for: refused before any tensor is read.
     shutil.rmtree(moving)
     shutil.copytree(base_a, moving)
+    proc = run_finetune(
+        run_dir, *run, "peft.rank=8", config="tests/training/tiny_sft.yaml", nproc=1, check=False
+    )
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and "holds adapters with" in lines[-1], lines[-3:]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == before
+    assert sorted(os.listdir(run_dir / "checkpoints")) == before
+    # As it was: the run goes on.
     run_finetune(run_dir, *run, config="tests/training/tiny_sft.yaml")
     assert len(losses(str(run_dir))) == 4
 

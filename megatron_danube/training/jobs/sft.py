@@ -295,7 +295,7 @@ class SFTJob(Job):
             self.seq_length,
             epochs=epochs,
             seed=self.cfg.data.seed,
-            pack=self.cfg.chat.pack,
+            packing=self.cfg.chat.packing,
             shuffle=shuffle,
         )
 
@@ -309,17 +309,19 @@ class SFTJob(Job):
         return packed_microbatch(samples, packs, self.seq_length, self.tokenizer.eod)
 
     def _log_plan(self, steps: int) -> None:
+        from megatron_danube.data.chat.packing import fill_rate
+
         lengths = self._unit_lengths(self.train_samples)
-        used = sum(int(lengths[i]) for p in self.train_packs for i in p)
-        capacity = len(self.train_packs) * self.seq_length
+        epochs = self.cfg.chat.epochs
         logger.info(
-            "%s plan: %d packs of %d tokens (%.1f%% filled) over %d epoch(s) -> %d steps of "
-            "%d packs; %d validation packs",
+            "%s plan: %.0f rows of %d tokens per epoch (%s packing, %.1f%% filled) over %d "
+            "epoch(s) -> %d steps of %d rows; %d validation rows",
             self.name,
-            len(self.train_packs),
+            len(self.train_packs) / epochs,
             self.seq_length,
-            100.0 * used / max(capacity, 1),
-            self.cfg.chat.epochs,
+            self.cfg.chat.packing,
+            100.0 * fill_rate(lengths, self.train_packs, self.seq_length),
+            epochs,
             steps,
             self.packs_per_step,
             len(self.valid_packs),
@@ -395,7 +397,7 @@ class SFTJob(Job):
             "train.global_batch_tokens": self.cfg.train.global_batch_tokens,
             "chat.seq_length": chat.seq_length,
             "chat.epochs": chat.epochs,
-            "chat.pack": chat.pack,
+            "chat.packing": chat.packing,
             "chat.train": list(chat.train),
             "data.seed": self.cfg.data.seed,
         }
