@@ -43,6 +43,11 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--output", default=None, help="results JSON (lm-eval's `results` and more)")
     p.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write each document's responses (log-likelihoods, generations) to --output",
+    )
+    p.add_argument(
         "--demo-tasks",
         default=None,
         metavar="DIR",
@@ -94,6 +99,7 @@ def _run(args, cfg, names, manager) -> int:
             num_fewshot=args.num_fewshot,
             limit=limit,
             bootstrap_iters=args.bootstrap_iters,
+            log_samples=args.log_samples,
         )
         if launched_rank() == 0 and results is not None:
             report(table(results))  # what the user asked for, on stdout

@@ -8,6 +8,7 @@ import os
 from typing import Dict, Optional, Sequence
 
 SKIPPED_METRIC_KEYS = ("alias", "samples", " ", "name")
+SAMPLE_KEYS = ("doc_id", "target", "resps", "filtered_resps")
 
 
 def evaluate(
@@ -19,6 +20,7 @@ def evaluate(
     limit=None,
     bootstrap_iters: int = 100000,
     reseed: bool = True,
+    log_samples: bool = False,
 ) -> Optional[dict]:
     """lm-eval's `simple_evaluate` over `names`; its answer on the process that reports
     (local rank 0), None elsewhere. `reseed=False` leaves the global random generators alone
@@ -33,7 +35,7 @@ def evaluate(
         limit=limit,
         task_manager=manager,
         bootstrap_iters=bootstrap_iters,
-        log_samples=False,
+        log_samples=log_samples,
         **seeds,
     )
 
@@ -55,6 +57,11 @@ def write_json(results: dict, path: str, about: Dict[str, object]) -> None:
     payload = {k: results[k] for k in keep if k in results}
     payload["n-samples"] = results.get("n-samples", {})
     payload["evaluated"] = about
+    if "samples" in results:  # each document's responses, without the documents themselves
+        payload["samples"] = {
+            task: [{k: s[k] for k in SAMPLE_KEYS if k in s} for s in samples]
+            for task, samples in results["samples"].items()
+        }
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"

@@ -182,7 +182,7 @@ class ForwardScorer:
             logits, batch["targets"], self.vocab_size
         )
         counted = batch["counted"]
-        summed = torch.where(counted, logprob, torch.zeros_like(logprob)).sum(-1)
+        summed = torch.where(counted, logprob, torch.zeros_like(logprob)).double().sum(-1)
         greedy = ((argmax == batch["targets"]) | ~counted).all(-1)
         rows = torch.arange(argmax.shape[0], device=argmax.device)
         next_token = argmax[rows, batch["last"]]
