@@ -44,14 +44,19 @@ def task_manager(include_paths: Sequence[str] = ()):
     return TaskManager(include_path=list(include_paths) or None)
 
 
-def with_demo_tasks(names: Sequence[str], include_paths: Sequence[str], demo_dir: Optional[str]):
-    """`include_paths` plus the demo tasks' folder, written there first where a demo task is
-    asked for (or where `demo_dir` is given)."""
+def with_demo_tasks(
+    names: Sequence[str],
+    include_paths: Sequence[str],
+    demo_dir: Optional[str],
+    default_dir: str = DEFAULT_DEMO_DIR,
+):
+    """`include_paths` plus the demo tasks' folder (`demo_dir`, else `default_dir`), written
+    there first where a demo task is asked for or `demo_dir` is given."""
     from megatron_danube.eval.demo_tasks import DEMO_TASKS, write_demo_tasks
 
     if demo_dir is None and not set(names) & set(DEMO_TASKS):
         return list(include_paths)
-    folder = demo_dir or DEFAULT_DEMO_DIR
+    folder = demo_dir or default_dir
     write_demo_tasks(folder)
     return list(include_paths) + [folder]
 
