@@ -16,7 +16,12 @@ from megatron_danube.errors import DanubeConfigError
 
 logger = logging.getLogger(__name__)
 
-OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+# No download at evaluation time; and no progress bars from `datasets` around one-line errors.
+OFFLINE = {
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
 DEFAULT_DEMO_DIR = os.path.join("runs", "demo-eval-tasks")
 
 

@@ -78,3 +78,15 @@ def test_danube_model_answers_as_the_hf_model(
                 difference = abs(float(ours_ll) - float(ref_ll))
                 assert difference < tolerance, (task, doc_id, got, expected)
                 assert [bool(g) for g in ours_greedy] == [bool(g) for g in ref_greedy]
+
+
+@pytest.mark.slow  # needs the converted checkpoint
+def test_a_layout_that_does_not_fit_is_one_line(tiny_checkpoint, task_dir):
+    mcore, _ = tiny_checkpoint
+    args = ["--load", mcore, "--tokenizer", "mistral-v1", "--tasks", MC]
+    args += ["--include-path", task_dir, "parallel.tensor_parallel=3"]
+    proc = launch("megatron_danube.eval", *args)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("danube-eval: error: "), err
+    assert "tensor_parallel" in err[0] or "TP" in err[0], err[0]
