@@ -20,6 +20,7 @@ EXTRAS = {
     "pyarrow": "data",
     "mistral_common": "demo",
     "transformer_engine": "te",
+    "lm_eval": "eval",
 }
 
 

@@ -1,102 +1,14 @@
-"""What every command shares: logging, signal handling from the start, and one-line errors.
+"""The commands' shared runner, re-exported for the cli modules (it lives in
+`megatron_danube/commands.py`, below every command, so commands outside cli, such as
+`python -m megatron_danube.eval`, share it too)."""
 
-A `DanubeConfigError` (bad input) exits 2 with one line naming the problem and the fix. A
-missing optional dependency exits 2 naming the extra that installs it, never a traceback.
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
-import sys
-from typing import Callable, Optional, Sequence
-
-from megatron_danube.errors import DanubeConfigError, missing_extra_message
-
-
-def run_command(
-    prog: str,
-    description: str,
-    add_arguments: Callable[[argparse.ArgumentParser], None],
-    body: Callable[[argparse.Namespace], int],
-    argv: Optional[Sequence[str]] = None,
-    logging_setup: Optional[Callable[[], None]] = None,
-) -> int:
-    """Parse arguments, run `body`, turn known failures into one line on stderr and exit 2.
-
-    `logging_setup` replaces the package's logging (`logs.setup_logging`) for a command whose
-    log lines keep another tool's format (danube-preprocess writes Megatron-LM's)."""
-    from megatron_danube.logs import setup_logging
-
-    (logging_setup or setup_logging)()
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return int(body(args) or 0)
-    except DanubeConfigError as exc:
-        return fail(prog, str(exc))
-    except ModuleNotFoundError as exc:
-        message = missing_extra_message(exc)
-        if message is None:
-            raise
-        return fail(prog, message)
-
-
-def cpu_only_process() -> None:
-    """Hide the GPUs from this process: the tools that read and write whole checkpoints
-    (convert, compare) run on the CPU, on a GPU node too. Called first thing in their entry
-    points, before anything asks CUDA for its devices (torch caches the first answer); a GPU
-    seen later next to megatron's CPU patches is refused in one line by `cpu_compat`."""
-    import os
-
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-
-
-def weights_only_loads() -> None:
-    """Every `torch.load` megatron does on our checkpoints is weights-only: no pickled code
-    in a checkpoint runs. Called first thing by the commands that read checkpoints (torch
-    reads the variable at each load); a value the user set is kept."""
-    import os
-
-    os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
-
-
-def fail(prog: str, message: str) -> int:
-    """Exit code 2 and the one-line error, printed once: by rank 0 of a launched job (every
-    rank reaches the same verdict on a config; the others stay quiet)."""
-    logging.getLogger(prog).debug("failing: %s", message)
-    if launched_rank() == 0:
-        sys.stderr.write(f"{prog}: error: {message}\n")
-        sys.stderr.flush()
-    else:
-        import time
-
-        # Rank 0 prints the line; the launcher tears the job down when the first rank exits.
-        time.sleep(QUIET_RANK_EXIT_DELAY_S)
-    return 2
-
-
-QUIET_RANK_EXIT_DELAY_S = 3.0
-
-
-def launched_rank() -> int:
-    """This process's rank under torchrun or srun; 0 when run alone."""
-    import os
-
-    for name in ("RANK", "SLURM_PROCID"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
-
-
-def summary(doc: str) -> str:
-    """A command's description for --help: the first paragraph of its module docstring."""
-    return " ".join(doc.strip().split("\n\n")[0].split())
-
-
-def report(text: str = "") -> None:
-    """A command's result (a table, a summary) goes to stdout; diagnostics go to logging."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+from megatron_danube.commands import (  # noqa: F401  (re-exports)
+    QUIET_RANK_EXIT_DELAY_S,
+    cpu_only_process,
+    fail,
+    launched_rank,
+    report,
+    run_command,
+    summary,
+    weights_only_loads,
+)

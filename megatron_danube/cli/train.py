@@ -61,7 +61,10 @@ def main(argv=None, prog: str = "danube-train", family: Optional[str] = None) ->
             )
         cfg = load_config(args.config, args.overrides)
         refuse_other_family(cfg.job, family)
-        return trainer.run(build_plan(cfg), stop, convert_start=convert_hf_start)
+        plan = build_plan(cfg)
+        return trainer.run(
+            plan, stop, convert_start=convert_hf_start, score_tasks=task_scoring(plan.config)
+        )
 
     description = summary(__doc__) if family is None else summary(ALIAS_DOCS[family])
     return run_command(prog, description, add_arguments, body, argv)
@@ -82,6 +85,16 @@ ALIAS_DOCS = {
     "finetune": "danube-finetune: chat fine-tuning (`job: sft`) and DPO (`job: dpo`) on "
     "Megatron-Core (danube-train for those jobs); starts from `checkpoint.load`, weights only.",
 }
+
+
+def task_scoring(cfg):
+    """The trainer's hook that scores `eval.tasks` (None without tasks), checked now: lm-eval
+    installed, every task known and its data on this machine."""
+    if not cfg.eval.tasks:
+        return None
+    from megatron_danube.eval.in_loop import TaskScoring
+
+    return TaskScoring.checked(cfg.eval, cfg.run_dir)
 
 
 def convert_hf_start(start) -> None:

@@ -272,6 +272,24 @@ class LoggingSection:
 
 
 @dataclass
+class EvalSection:
+    """lm-eval tasks scored during training at its layout (needs the `[eval]` extra)."""
+
+    tasks: List[str] = field(default_factory=list)
+    """lm-eval task names, e.g. `[danube_demo_mc, hellaswag]`; empty: no task scoring."""
+    interval: int = 0
+    """Steps between task scorings (as `logging.eval_interval`); 0: only at the end."""
+    limit: Optional[int] = None
+    """Documents per task; null: all of them."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples; null: each task's own default."""
+    batch_size: int = 8
+    """Rows per micro-batch per data-parallel replica."""
+    include_paths: List[str] = field(default_factory=list)
+    """Folders of further task YAMLs (the demo tasks are written to RUN_DIR/eval-tasks)."""
+
+
+@dataclass
 class RunConfig:
     """One run: pretraining (`danube-pretrain`) or chat fine-tuning (`danube-finetune`)."""
 
@@ -306,3 +324,5 @@ class RunConfig:
     """Saving, verifying and loading checkpoints."""
     logging: LoggingSection = field(default_factory=LoggingSection)
     """Metrics and validation."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    """lm-eval tasks scored during training."""

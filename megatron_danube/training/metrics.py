@@ -68,7 +68,8 @@ class MetricsWriter:
         os.replace(tmp, self._path)
         self._jsonl = open(self._path, "a", buffering=1)
 
-    def write(self, record: dict, step: int, prefix: str = "train") -> None:
+    def write(self, record: dict, step: int, prefix: Optional[str] = "train") -> None:
+        """One record; TensorBoard tags are `prefix/key` (None: the keys as they are)."""
         if not self.enabled:
             return
         self._jsonl.write(json.dumps(record) + "\n")
@@ -79,7 +80,8 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("iteration",):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
+                    tag = key if prefix is None else f"{prefix}/{key}"
+                    self._tb.add_scalar(tag, value, step)
 
     def close(self) -> None:
         if self._jsonl:

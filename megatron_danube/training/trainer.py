@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,9 @@ from megatron_danube.training.run_lock import RunDirLock
 # (the plan's start point) -> None: turns `start.convert_from_hf` into `start.checkpoint`;
 # given by the command that runs the trainer (conversion is a tool above training).
 StartConverter = Callable[[StartPoint], None]
+# (model chunks, plan) -> {"eval/<task>/<metric>": value}: the config's `eval` tasks scored on
+# the model being trained; given by the command (evaluation is a tool above training).
+TaskScorer = Callable[[List[torch.nn.Module], Plan], Dict[str, float]]
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +45,12 @@ class Trainer:
         job: Job,
         stop: StopRequest,
         convert_start: Optional[StartConverter] = None,
+        score_tasks: Optional[TaskScorer] = None,
     ):
         self.plan, self.cfg, self.job, self.stop = plan, plan.config, job, stop
         self.model_cfg = plan.model
-        self.convert_start = convert_start
+        self.convert_start, self.task_scorer = convert_start, score_tasks
+        self.last_tasks_iteration: Optional[int] = None
         self.started = time.perf_counter()
         self.state = TrainState()
         self.exit_code, self.reason = 0, None
@@ -236,6 +241,8 @@ class Trainer:
                 )
             if self.cfg.logging.eval_interval and s.iteration % self.cfg.logging.eval_interval == 0:
                 self.evaluate()
+            if self.cfg.eval.interval and s.iteration % self.cfg.eval.interval == 0:
+                self.score_tasks()
             self.reason = self.stop_reason(steps)
             if self.reason:
                 break
@@ -243,6 +250,7 @@ class Trainer:
         else:
             self.reason = "finished"
             self.evaluate(final=True)
+            self.score_tasks()
         self.checkpoints.save_if_due(
             s.iteration, self.chunks, self.optimizer, self.train_state, final=True
         )
@@ -364,6 +372,31 @@ class Trainer:
             ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("val_", "eval_"))),
         )
 
+    def score_tasks(self) -> None:
+        """The config's lm-eval tasks on the model as it is now (once per iteration); a
+        failure is one warning and training goes on."""
+        it = self.state.iteration
+        if self.task_scorer is None or self.last_tasks_iteration == it:
+            return
+        self.last_tasks_iteration = it
+        try:
+            scores = self.task_scorer(self.chunks, self.plan)
+        except Exception as exc:  # evaluation must never cost the run
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            logger.warning(
+                "task evaluation at iteration %d failed, training goes on: %s: %s",
+                it,
+                type(exc).__name__,
+                first_line,
+            )
+            return
+        if scores:
+            record = {"iteration": it, "consumed_tokens": self.state.consumed_tokens, **scores}
+            self.metrics.write(record, it, prefix=None)
+            logger.info(
+                "tasks at iter %d: %s", it, ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            )
+
     def close(self) -> None:
         from megatron_danube.runtime.distributed import shutdown
 
@@ -383,12 +416,17 @@ class Trainer:
         shutdown()
 
 
-def run(plan: Plan, stop: StopRequest, convert_start: Optional[StartConverter] = None) -> int:
+def run(
+    plan: Plan,
+    stop: StopRequest,
+    convert_start: Optional[StartConverter] = None,
+    score_tasks: Optional[TaskScorer] = None,
+) -> int:
     """Build, resume, train, close the plan's job; the exit code (0, or 1 after repeated
     non-finite steps)."""
     from megatron_danube.training.jobs.registry import get_job
 
-    trainer = Trainer(plan, get_job(plan.job).make(plan), stop, convert_start)
+    trainer = Trainer(plan, get_job(plan.job).make(plan), stop, convert_start, score_tasks)
     trainer.build()
     try:
         trainer.resume()

@@ -1,0 +1,6 @@
+"""`python -m megatron_danube.eval ...` is `danube-eval ...` (eval/command.py)."""
+
+from megatron_danube.eval.command import main
+
+if __name__ == "__main__":
+    main()
