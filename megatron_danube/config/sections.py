@@ -207,6 +207,9 @@ class ChatSection:
     `none`: one conversation (DPO: one pair) per row."""
     epochs: int = 1
     """Passes over the training data (each shuffled with `data.seed` + epoch)."""
+    workers: Optional[int] = None
+    """Processes that encode the chat data (once per node, cached); null: the cores this
+    process may use."""
     demo_dir: Optional[str] = None
     """Build the pydoc chat demo's train.jsonl/valid.jsonl here if they are missing."""
 

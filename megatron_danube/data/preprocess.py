@@ -14,17 +14,11 @@ command around it. Messages name the command's flags, which the options' fields 
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
-import multiprocessing as mp
 import os
-import pickle
-import queue
-import signal
 import sys
-import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -35,11 +29,11 @@ import numpy as np
 from megatron_danube.data.indexed import IndexedWriter, dataset_exists, token_dtype
 from megatron_danube.data.sources import Piece, expand_inputs, make_partitions, read_piece
 from megatron_danube.data.tokenizer import load_tokenizer
+from megatron_danube.data.worker_pool import InlineWorkers, WorkerPool, serve_batches
 from megatron_danube.errors import DanubeConfigError
 
 BATCH_LINES = 512
 MAX_REPORTED = 5
-POLL_S = 1.0  # how often a worker checks for its parent, and a waiting parent for its workers
 
 logger = logging.getLogger(__name__)
 
@@ -207,18 +201,8 @@ class BatchTokenizer:
             self.splitter = sentence_splitter(o.lang, keep_newlines=o.keep_newlines)
 
     def serve(self, tasks, results) -> None:
-        """A worker process's loop: numbered tasks in, numbered results (or errors) out."""
-        # Ctrl-C reaches every process of the terminal's group: the parent alone handles it
-        # (stops the workers, says so once); a worker's KeyboardInterrupt would be a traceback.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        parent = mp.parent_process().pid
-        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
-        while True:
-            number, task = tasks.get()
-            try:
-                results.put((number, self.process_batch(task), None))
-            except Exception as exc:
-                results.put((number, None, _sendable(exc)))
+        """A worker process's loop (see `worker_pool.serve_batches`)."""
+        serve_batches(self, tasks, results)
 
     def process_batch(self, task):
         """Tokenise one batch. Returns per key (flat token array, doc lengths, sentence lengths),
@@ -306,98 +290,6 @@ class BatchTokenizer:
             count=int(lengths.sum()),
         )
         return flat, lengths, sentence_lengths if self.splitter is not None else None
-
-
-def _exit_when_orphaned(parent_pid: int) -> None:
-    """A worker's watch: once its parent is gone (killed outright), the worker exits. Its own
-    wait for a task cannot tell: it may be reading a task the parent died half-way through
-    sending, on a pipe the worker itself holds open."""
-    while os.getppid() == parent_pid:
-        time.sleep(POLL_S)
-    os._exit(1)
-
-
-def _sendable(exc: Exception) -> Exception:
-    """`exc`, or its text in a RuntimeError where it does not pickle: a queue drops what it
-    cannot pickle, and the parent would wait for that result forever."""
-    try:
-        pickle.dumps(exc)
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-    return exc
-
-
-class WorkerPool:
-    """Processes that each run `BatchTokenizer.serve` on their own copy of one worker object.
-
-    Tasks go out numbered on one queue; results come back numbered on another and are handed
-    out in the order the tasks were submitted. Both queues send from a thread, so neither side
-    blocks on a full pipe while the other waits for it. A worker that dies (killed, out of
-    memory) fails the run instead of leaving it waiting for the results it held.
-    """
-
-    def __init__(self, worker: BatchTokenizer, processes: int):
-        # fork: a worker starts without importing the package again; elsewhere fork is unsafe.
-        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        self._tasks = ctx.Queue()
-        self._tasks.cancel_join_thread()  # tasks left unsent when a run fails are dropped
-        self._results = ctx.Queue()
-        self._procs = [
-            ctx.Process(target=worker.serve, args=(self._tasks, self._results), daemon=True)
-            for _ in range(processes)
-        ]
-        for proc in self._procs:
-            proc.start()
-        self._submitted = 0
-        self._arrived: Dict[int, tuple] = {}
-
-    def submit(self, task) -> Callable[[], tuple]:
-        """Send `task` to the workers; returns what waits for its result and returns it."""
-        number = self._submitted
-        self._tasks.put((number, task))
-        self._submitted += 1
-        return functools.partial(self._result, number)
-
-    def _result(self, number: int) -> tuple:
-        while number not in self._arrived:
-            self._receive()
-        value, error = self._arrived.pop(number)
-        if error is not None:
-            raise error
-        return value
-
-    def _receive(self) -> None:
-        try:
-            number, value, error = self._results.get(timeout=POLL_S)
-        except queue.Empty:
-            dead = [proc.exitcode for proc in self._procs if proc.exitcode is not None]
-            if dead:
-                raise RuntimeError(
-                    f"a tokenising worker process died (exit code {dead[0]}), e.g. out of "
-                    f"memory; run again with fewer --workers"
-                ) from None
-            return
-        self._arrived[number] = (value, error)
-
-    def close(self) -> None:
-        for proc in self._procs:
-            proc.terminate()
-        for proc in self._procs:
-            proc.join()
-
-
-class InlineWorkers:
-    """`WorkerPool`'s interface over one worker in this process (workers=1)."""
-
-    def __init__(self, worker: BatchTokenizer):
-        self.worker = worker
-
-    def submit(self, task) -> Callable[[], tuple]:
-        result = self.worker.process_batch(task)
-        return lambda: result
-
-    def close(self) -> None:
-        """Nothing runs beside this process."""
 
 
 def start_workers(options: PreprocessOptions):

@@ -199,15 +199,18 @@ def test_a_damaged_cache_is_rebuilt_by_its_builder_and_named_by_readers(
     cache = str(tmp_path / "cache")
     enc = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 64)
     first, path = load_or_build([str(data)], enc, cache, "t", build=True)
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+    assert isinstance(first.tokens, np.memmap)  # mapped, not loaded
+    first_tokens = np.array(first.tokens)  # (the mapping must not outlive the cut below)
+    tokens = os.path.join(path, "tokens.bin")
+    with open(tokens, "r+b") as f:
+        f.truncate(os.path.getsize(tokens) // 2)
     with pytest.raises(DanubeConfigError, match="is damaged .*remove it and run again"):
         load_or_build([str(data)], enc, cache, "t", build=False)
     with caplog.at_level("WARNING"):
         rebuilt, _ = load_or_build([str(data)], enc, cache, "t", build=True)
-    assert "is damaged" in caplog.text and np.array_equal(first.tokens, rebuilt.tokens)
+    assert "is damaged" in caplog.text and np.array_equal(first_tokens, rebuilt.tokens)
     again, _ = load_or_build([str(data)], enc, cache, "t", build=False)
-    assert np.array_equal(first.tokens, again.tokens)
+    assert np.array_equal(first_tokens, again.tokens)
 
 
 def toy_samples(lengths):
@@ -324,3 +327,38 @@ def test_a_conversation_the_template_cannot_render_is_a_skipped_record(tokenizer
     encoder = ChatEncoder(tokenizer, template, 64, "left")
     with pytest.raises(SampleError, match="chat template refused the conversation"):
         encoder.encode(SINGLE)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_encoding_in_worker_processes_writes_the_same_cache_byte_for_byte(
+    tmp_path, tokenizer, kind
+):
+    from megatron_danube.data.chat.dataset import RECORDS_PER_TASK
+    from megatron_danube.data.demo_chat import conversations, preference_pairs
+
+    records = (conversations() if kind == "sft" else preference_pairs())[0]
+    lines = [json.dumps(r) for r in records] * 3  # over RECORDS_PER_TASK: several batches
+    lines[7], lines[400] = "{not json", json.dumps({"messages": []})  # both counted as bad
+    assert len(lines) > 2 * RECORDS_PER_TASK
+    data = tmp_path / "c.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    enc = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 96)
+    out = {}
+    for workers in (1, 3):
+        out[workers] = str(tmp_path / f"w{workers}")
+        samples = encode_files(
+            [str(data)], enc, "train", kind=kind, workers=workers, directory=out[workers]
+        )
+        assert samples.stats["bad_records"] == 2 and samples.stats["records"] == len(lines)
+        assert isinstance(samples.tokens, np.memmap)
+    names = sorted(os.listdir(out[1]))
+    assert names == sorted(os.listdir(out[3])) and "tokens.bin" in names
+    for name in names:
+        with (
+            open(os.path.join(out[1], name), "rb") as a,
+            open(os.path.join(out[3], name), "rb") as b,
+        ):
+            assert a.read() == b.read(), name
+    in_memory = encode_files([str(data)], enc, "train", kind=kind)
+    assert np.array_equal(in_memory.tokens, samples.tokens)
+    assert np.array_equal(in_memory.offsets, samples.offsets)

@@ -112,8 +112,8 @@ def test_bad_pairs_name_the_problem(record, reason):
 
 def test_a_malformed_ranked_record_is_skipped_and_counted(tmp_path):
     """One bad line among good ones: skipped with `file:line: reason`, the rest is read."""
+    from megatron_danube.data.chat.dataset import encode_files
     from megatron_danube.data.chat.encoder import ChatEncoder
-    from megatron_danube.data.chat.preference import encode_pair_files
     from megatron_danube.data.chat.template import DANUBE_TEMPLATE
     from megatron_danube.data.tokenizer import load_tokenizer
 
@@ -122,7 +122,7 @@ def test_a_malformed_ranked_record_is_skipped_and_counted(tmp_path):
     path = tmp_path / "ranked.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in (good, bad, good)))
     encoder = ChatEncoder(load_tokenizer("mistral-v1"), DANUBE_TEMPLATE, 64, "left")
-    samples = encode_pair_files([str(path)], encoder, "chat.train")
+    samples = encode_files([str(path)], encoder, "chat.train", kind="dpo")
     assert len(samples) == 4 and samples.stats["bad_records"] == 1
     assert any(f"{path}:2" in example for example in samples.stats["bad_examples"])
 

@@ -8,24 +8,34 @@ ids. Counts of what was skipped or cut are kept with the samples and reported at
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
+import time
 import zipfile
-from typing import List, Optional, Tuple
+from collections import deque
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from megatron_danube.data.chat.encoder import ChatEncoder, EncodedSample, SampleError
-from megatron_danube.data.chat.preference import encode_pair_files
+from megatron_danube.data.chat.preference import pair_of
 from megatron_danube.data.chat.records import BadRecords, messages_of, read_jsonl
-from megatron_danube.data.chat.samples import ChatSamples, concatenate_samples
+from megatron_danube.data.chat.samples import (
+    ChatSamples,
+    DamagedSamples,
+    SampleWriter,
+    concatenate_samples,
+)
 from megatron_danube.errors import DanubeConfigError
 
 logger = logging.getLogger(__name__)
 
-# What reading a truncated or overwritten .npz raises (zipfile's BadZipFile is an OSError
+# What reading a damaged cache or DPO reference file raises (zipfile's BadZipFile is an OSError
 # subclass only in some versions; numpy raises ValueError or EOFError on short arrays).
-DAMAGED_CACHE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+DAMAGED_CACHE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, DamagedSamples)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a directory of memory-mapped arrays (1: one .npz)
+RECORDS_PER_TASK = 256  # records a worker encodes per task
+PROGRESS_EVERY_S = 30.0
 
 
 def files_digest(paths: List[str]) -> str:
@@ -38,39 +48,183 @@ def files_digest(paths: List[str]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(paths: List[str], encoder: ChatEncoder, kind: str = "sft") -> str:
+def cache_key(
+    paths: List[str], encoder: ChatEncoder, kind: str = "sft", version: int = CACHE_VERSION
+) -> str:
     identity = hashlib.sha256(encoder.identity().encode()).hexdigest()
     return hashlib.sha256(
-        f"v{CACHE_VERSION}|{kind}|{files_digest(paths)}|{identity}".encode()
+        f"v{version}|{kind}|{files_digest(paths)}|{identity}".encode()
     ).hexdigest()[:20]
 
 
-def encode_files(paths: List[str], encoder: ChatEncoder, what: str) -> ChatSamples:
-    """Read, render, tokenize and mask every record; bad ones are counted and skipped."""
-    bad = BadRecords()
-    parts: List[EncodedSample] = []
-    stats = {"records": 0, "bad_records": 0, "no_supervised_tokens": 0, "truncated": 0}
-    for path, number, record in read_jsonl(paths, bad):
-        stats["records"] += 1
+def data_identity(paths: List[str], encoder: ChatEncoder, kind: str = "sft") -> str:
+    """The tokenized data's name in a run's records (DPO keys its reference log-probabilities
+    by it): the cache file name of the first format, kept so that recorded keys stay valid."""
+    return f"{kind}-{cache_key(paths, encoder, kind, version=1)}.npz"
+
+
+class RecordEncoder:
+    """A worker: records -> outcomes, each ("ok", samples, truncated), ("empty", truncated) for
+    one left with no supervised token, or ("bad", where, reason). `kind` sft: a conversation
+    is one sample; dpo: a preference pair is two (chosen, then rejected)."""
+
+    def __init__(self, encoder: ChatEncoder, kind: str):
+        self.encoder, self.kind = encoder, kind
+
+    def process_batch(self, records: List[Tuple[str, object]]) -> list:
+        return [self.encode(where, record) for where, record in records]
+
+    def encode(self, where: str, record) -> tuple:
         try:
-            sample = encoder.encode(messages_of(record))
+            if self.kind == "dpo":
+                prompt, chosen, rejected = pair_of(record)
+                samples = [
+                    self.encoder.encode(prompt + c, supervise_from=len(prompt))
+                    for c in (chosen, rejected)
+                ]
+            else:
+                samples = [self.encoder.encode(messages_of(record))]
         except SampleError as exc:
-            bad.add(f"{path}:{number}", str(exc))
-            continue
-        stats["truncated"] += int(sample.truncated)
-        if sample.supervised == 0:
+            return ("bad", where, str(exc))
+        truncated = sum(int(s.truncated) for s in samples)
+        if min(s.supervised for s in samples) == 0:
             # e.g. left truncation cut every assistant token: nothing would be learned
-            stats["no_supervised_tokens"] += 1
-            continue
-        parts.append(sample)
-    rejected_records = stats["records"] - len(parts) - stats["no_supervised_tokens"]
-    stats["records"] += bad.count - rejected_records  # lines that were not even JSON
+            return ("empty", truncated)
+        return ("ok", samples, truncated)
+
+
+def encode_files(
+    paths: List[str],
+    encoder: ChatEncoder,
+    what: str,
+    *,
+    kind: str = "sft",
+    workers: int = 1,
+    directory: Optional[str] = None,
+) -> ChatSamples:
+    """Read, render, tokenize and mask every record (`workers` processes; the result is the
+    same for any number); bad ones are counted and skipped. With `directory`, the samples are
+    written there as they come (memory for a few batches) and mapped back; else kept in memory.
+    """
+    from megatron_danube.data.worker_pool import InlineWorkers, WorkerPool
+
+    bad = BadRecords()
+    stats = {"records": 0, "bad_records": 0, "no_supervised_tokens": 0, "truncated": 0}
+    sink = SampleWriter(directory) if directory else _InMemory()
+    records = ((f"{path}:{number}", record) for path, number, record in read_jsonl(paths, bad))
+    batches = _batches(records, RECORDS_PER_TASK)
+    first = next(batches, [])
+    worker = RecordEncoder(encoder, kind)
+    pool = InlineWorkers(worker)
+    if workers > 1 and len(first) == RECORDS_PER_TASK:  # more than one batch: worth processes
+        # Each worker encodes one conversation at a time; tokenizers' own threads would only
+        # contend with the other workers (and warn after the fork).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        pool = WorkerPool(worker, workers, what="chat encoding")
+    progress = _Progress(what)
+    try:
+        pending = deque()
+        for batch in itertools.chain([first], batches):
+            if not batch:
+                continue
+            pending.append(pool.submit(batch))
+            while len(pending) > 2 * max(workers, 1):  # a bounded number of batches in flight
+                _collect(pending.popleft()(), sink, stats, bad, progress)
+        while pending:
+            _collect(pending.popleft()(), sink, stats, bad, progress)
+    except BaseException:
+        if directory:
+            sink.abandon()
+        raise
+    finally:
+        pool.close()
+    # Lines that were not even JSON went to `bad` without becoming an outcome.
+    stats["records"] += bad.count - stats["bad_records"]
     stats["bad_records"] = bad.count
     stats["bad_examples"] = bad.examples
-    samples = concatenate_samples(parts, stats)
-    stats.update(samples=len(samples), tokens=int(samples.offsets[-1]))
-    stats["supervised"] = int(samples.loss_mask.sum())
-    return samples
+    stored = len(sink)
+    stats.update(
+        samples=stored // 2 if kind == "dpo" else stored,
+        tokens=int(sink.offsets[-1]),
+        supervised=int(sink.supervised),
+    )
+    progress.done(stats)
+    return sink.finish(stats)
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    while True:
+        batch = list(itertools.islice(items, size))
+        if not batch:
+            return
+        yield batch
+
+
+def _collect(outcomes: list, sink, stats: dict, bad: BadRecords, progress) -> None:
+    for outcome in outcomes:
+        stats["records"] += 1
+        if outcome[0] == "bad":
+            bad.add(outcome[1], outcome[2])
+            stats["bad_records"] += 1
+            continue
+        stats["truncated"] += outcome[-1]
+        if outcome[0] == "empty":
+            stats["no_supervised_tokens"] += 1
+            continue
+        for sample in outcome[1]:
+            sink.add(sample)
+    progress.update(stats["records"], int(sink.offsets[-1]))
+
+
+class _InMemory:
+    """`SampleWriter`'s interface, keeping the samples in memory."""
+
+    def __init__(self):
+        self.parts: List[EncodedSample] = []
+        self.offsets = [0]
+        self.supervised = 0
+
+    def add(self, sample: EncodedSample) -> None:
+        self.parts.append(sample)
+        self.offsets.append(self.offsets[-1] + len(sample))
+        self.supervised += sample.supervised
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def finish(self, stats: dict) -> ChatSamples:
+        return concatenate_samples(self.parts, stats)
+
+
+class _Progress:
+    """A log line every PROGRESS_EVERY_S seconds while a large set is encoded."""
+
+    def __init__(self, what: str):
+        self.what, self.start = what, time.perf_counter()
+        self.last = self.start
+
+    def update(self, records: int, tokens: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            rate = records / (now - self.start)
+            logger.info(
+                "encoding %s: %s records, %s tokens (%.0f records/s)",
+                self.what,
+                f"{records:,}",
+                f"{tokens:,}",
+                rate,
+            )
+
+    def done(self, stats: dict) -> None:
+        seconds = time.perf_counter() - self.start
+        logger.info(
+            "encoded %s: %s records in %.1f s (%s tokens/s)",
+            self.what,
+            f"{stats['records']:,}",
+            seconds,
+            f"{stats['tokens'] / max(seconds, 1e-9):,.0f}",
+        )
 
 
 def load_or_build(
@@ -80,11 +234,12 @@ def load_or_build(
     what: str,
     build: bool,
     kind: str = "sft",
+    workers: int = 1,
 ) -> Tuple[Optional[ChatSamples], str]:
     """(samples, cache path). With `build`, encode and write the cache when it is missing;
     without, only read it (other ranks, after the builder). `kind`: `sft` conversations or
     `dpo` preference pairs."""
-    path = os.path.join(cache_dir, f"{kind}-{cache_key(paths, encoder, kind)}.npz")
+    path = os.path.join(cache_dir, f"{kind}-{cache_key(paths, encoder, kind)}")
     if os.path.exists(path):
         try:
             return ChatSamples.load(path), path
@@ -99,12 +254,39 @@ def load_or_build(
     if not build:
         return None, path
     os.makedirs(cache_dir, exist_ok=True)
-    if kind == "dpo":
-        samples = encode_pair_files(paths, encoder, what)
-    else:
-        samples = encode_files(paths, encoder, what)
-    samples.save(path)
+    samples = encode_files(paths, encoder, what, kind=kind, workers=workers, directory=path)
     return samples, path
+
+
+def shared_samples(
+    sets: Dict[str, List[str]],
+    encoder: ChatEncoder,
+    cache_dir: str,
+    *,
+    kind: str,
+    workers: int,
+    is_main: bool,
+    node_main: bool,
+    barrier: Callable[[], None],
+) -> Dict[str, ChatSamples]:
+    """Every set's samples on every rank of a launch, encoded once: rank 0 builds the caches;
+    then the first rank of each other node maps them, or builds its node's own where it cannot
+    see them (no shared file system); then every rank maps them (one copy per node in the
+    page cache)."""
+    loaded: Dict[str, ChatSamples] = {}
+    for builds in (is_main, node_main and not is_main):
+        if builds:
+            for name, paths in sets.items():
+                loaded[name], _ = load_or_build(
+                    paths, encoder, cache_dir, name, True, kind=kind, workers=workers
+                )
+        barrier()
+    for name, paths in sets.items():
+        if name not in loaded:
+            loaded[name], path = load_or_build(paths, encoder, cache_dir, name, False, kind=kind)
+            if loaded[name] is None:
+                raise DanubeConfigError(f"data cache {path} is missing after it was built")
+    return loaded
 
 
 def describe(stats: dict) -> str:

@@ -20,9 +20,8 @@ from typing import List, Tuple
 
 import numpy as np
 
-from megatron_danube.data.chat.encoder import ChatEncoder, SampleError, check_messages
-from megatron_danube.data.chat.records import BadRecords, read_jsonl
-from megatron_danube.data.chat.samples import ChatSamples, concatenate_samples
+from megatron_danube.data.chat.encoder import SampleError, check_messages
+from megatron_danube.data.chat.samples import ChatSamples
 from megatron_danube.data.chat.template import ROLES
 
 Pair = Tuple[List[dict], List[dict], List[dict]]  # prompt, chosen completion, rejected completion
@@ -94,35 +93,6 @@ def pair_of(record) -> Pair:
     chosen_msgs = check_messages(prompt + chosen_msgs, ROLES)[len(prompt) :]
     rejected_msgs = check_messages(prompt + rejected_msgs, ROLES)[len(prompt) :]
     return prompt, chosen_msgs, rejected_msgs
-
-
-def encode_pair_files(paths: List[str], encoder: ChatEncoder, what: str) -> ChatSamples:
-    """Every record's pair, chosen at 2i and rejected at 2i + 1; bad records counted, skipped."""
-    bad = BadRecords()
-    parts, stats = [], {"records": 0, "no_supervised_tokens": 0, "truncated": 0}
-    for path, number, record in read_jsonl(paths, bad):
-        stats["records"] += 1
-        try:
-            prompt, chosen, rejected = pair_of(record)
-            pair = [
-                encoder.encode(prompt + c, supervise_from=len(prompt)) for c in (chosen, rejected)
-            ]
-        except SampleError as exc:
-            bad.add(f"{path}:{number}", str(exc))
-            continue
-        stats["truncated"] += sum(int(s.truncated) for s in pair)
-        if min(s.supervised for s in pair) == 0:
-            stats["no_supervised_tokens"] += 1  # truncation cut a whole completion
-            continue
-        parts.extend(pair)
-    stats["records"] += bad.count - (
-        stats["records"] - len(parts) // 2 - stats["no_supervised_tokens"]
-    )
-    stats.update(bad_records=bad.count, bad_examples=bad.examples)
-    samples = concatenate_samples(parts, stats)
-    stats.update(samples=len(samples) // 2, tokens=int(samples.offsets[-1]))
-    stats["supervised"] = int(samples.loss_mask.sum())
-    return samples
 
 
 def pair_lengths(samples: ChatSamples) -> np.ndarray:

@@ -246,7 +246,7 @@ class SFTJob(Job):
         )
 
     def _read_data(self, is_main: bool):
-        from megatron_danube.data.chat.dataset import describe, load_or_build
+        from megatron_danube.data.chat.dataset import data_identity, describe, shared_samples
         from megatron_danube.data.chat.encoder import ChatEncoder
 
         chat = self.cfg.chat
@@ -256,15 +256,17 @@ class SFTJob(Job):
         sets = {"train": list(files["chat.train"])}
         if "chat.valid" in files:
             sets["valid"] = list(files["chat.valid"])
-        loaded, keys = {}, {}
-        for build in (True, False):  # rank 0 builds the caches, then every rank reads them
-            if build == is_main:
-                for name, paths in sets.items():
-                    loaded[name], path = load_or_build(
-                        paths, encoder, cache_dir, name, build, kind=self.name
-                    )
-                    keys[name] = os.path.basename(path)
-            dist.barrier()
+        loaded = shared_samples(
+            sets,
+            encoder,
+            cache_dir,
+            kind=self.name,
+            workers=chat.workers or len(os.sched_getaffinity(0)),
+            is_main=is_main,
+            node_main=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+            barrier=dist.barrier,
+        )
+        keys = {name: data_identity(paths, encoder, self.name) for name, paths in sets.items()}
         for name, samples in loaded.items():
             log = logger.warning if samples.stats.get("bad_records") else logger.info
             log("chat %s data: %s", name, describe(samples.stats))
