@@ -127,7 +127,7 @@ def build_local_model(model_cfg, dtype: torch.dtype, lora: Optional[dict] = None
     """The whole model on this CPU process, without DDP or optimizer (forward-only work);
     with a LoRA run's record (`lora`), its adapters in place to load."""
     from megatron_danube.config import ParallelLayout, PrecisionConfig
-    from megatron_danube.models.lora import apply_lora
+    from megatron_danube.models.lora import LoraSettings, apply_lora
     from megatron_danube.training.model_build import build_model
 
     init_single_rank(model_cfg)
@@ -139,14 +139,8 @@ def build_local_model(model_cfg, dtype: torch.dtype, lora: Optional[dict] = None
         device=torch.device("cpu"),
         precision=PrecisionConfig(params_dtype=name),
         overrides={"perform_initialization": False},
-        pre_wrap=[] if lora is None else [lambda c: apply_lora(c, model_cfg, lora_settings(lora))],
+        pre_wrap=[]
+        if lora is None
+        else [lambda c: apply_lora(c, model_cfg, LoraSettings.of(lora))],
     )
     return chunks[0]
-
-
-def lora_settings(recorded: dict):
-    """A LoRA run's settings from what its checkpoints record."""
-    from megatron_danube.models.lora import LoraSettings, resolve_targets
-
-    targets = recorded.get("targets") or ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
-    return LoraSettings(recorded["rank"], recorded["alpha"], 0.0, resolve_targets(targets))

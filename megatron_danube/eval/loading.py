@@ -35,6 +35,8 @@ class CheckedCheckpoint:
     layout: tuple
     """`check_layout`'s answer for this launch."""
     iteration: int
+    lora: Optional[dict] = None
+    """A LoRA run's record (its adapters are in `path`), with `base_checkpoint` checked."""
 
 
 @dataclass
@@ -83,11 +85,21 @@ def check_checkpoint(load: str, cfg: RunConfig, tokenizer: Optional[str] = None)
         )
     path = resolve_checkpoint(load, "--load", verify=False)  # checksums: once loaded, shared
     state = read_train_state(path)
-    if state.get("lora"):
-        raise DanubeConfigError(
-            f"{path} is a LoRA run; export it merged (danube-convert --to hf --merge-lora) and "
-            f"evaluate the export with lm-eval's hf model"
-        )
+    lora = state.get("lora")
+    if lora:  # evaluated as it trained: its base, then its adapters on top
+        if cfg.model.spec != "local":
+            raise DanubeConfigError(
+                f"{path} is a LoRA run, which runs on the local layer spec; add model.spec=local"
+            )
+        if lora.get("base_manifest"):
+            from megatron_danube.training.lora_checkpoints import check_base
+
+            base = check_base(
+                lora,
+                lora.get("base_checkpoint"),
+                "restore it, or evaluate a merged export (danube-convert --to hf --merge-lora)",
+            )
+            lora = dict(lora, base_checkpoint=base)
     if "model" not in state:
         raise DanubeConfigError(f"{path} does not record its model; it cannot be evaluated")
     model = DanubeModelConfig(**state["model"])
@@ -104,7 +116,14 @@ def check_checkpoint(load: str, cfg: RunConfig, tokenizer: Optional[str] = None)
         seq_length=model.max_position_embeddings,
         fp8=cfg.precision.fp8,
     )
-    return CheckedCheckpoint(path, model, tok, layout, int(state["iteration"]))
+    return CheckedCheckpoint(path, model, tok, layout, int(state["iteration"]), lora or None)
+
+
+def _with_adapters(checked: CheckedCheckpoint):
+    """The pre-wrap hook that gives the model a LoRA run's adapters (values: the checkpoint's)."""
+    from megatron_danube.models.lora import LoraSettings, apply_lora
+
+    return lambda chunks: apply_lora(chunks, checked.model, LoraSettings.of(checked.lora))
 
 
 def load_checkpoint(checked: CheckedCheckpoint, cfg: RunConfig) -> LoadedModel:
@@ -129,9 +148,24 @@ def load_checkpoint(checked: CheckedCheckpoint, cfg: RunConfig) -> LoadedModel:
         device=rt.device,
         precision=cfg.precision,
         overrides={"perform_initialization": False},  # every weight comes from the checkpoint
+        pre_wrap=[] if checked.lora is None else [_with_adapters(checked)],
     )
     manager = CheckpointManager(os.path.dirname(checked.path), cfg.checkpoint)
-    manager.load(checked.path, chunks, None, load_optimizer=False, verify=True)
+    if checked.lora and checked.lora.get("base_checkpoint"):  # adapters only: the base first
+        from megatron_danube.models.lora import is_adapter_name
+
+        base = checked.lora["base_checkpoint"]
+        manager.load(base, chunks, None, load_optimizer=False, verify=True, absent=is_adapter_name)
+        manager.load(
+            checked.path,
+            chunks,
+            None,
+            load_optimizer=False,
+            verify=True,
+            absent=lambda name: not is_adapter_name(name),
+        )
+    else:
+        manager.load(checked.path, chunks, None, load_optimizer=False, verify=True)
     for chunk in chunks:
         chunk.eval()
     logger.info(

@@ -61,6 +61,12 @@ class LoraSettings:
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    @classmethod
+    def of(cls, recorded: dict) -> LoraSettings:
+        """The settings a LoRA run's checkpoints record (for loading them; no dropout)."""
+        targets = recorded.get("targets") or list(LAYERS)
+        return cls(recorded["rank"], recorded["alpha"], 0.0, resolve_targets(targets))
+
 
 def resolve_targets(target_modules: Sequence[str], exclude_modules: Sequence[str] = ()):
     """megatron layer -> adapted HF projections, from megatron or HF names (a megatron name

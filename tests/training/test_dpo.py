@@ -60,6 +60,20 @@ def single_rank_run(tmp_path_factory, start, pairs):
     return str(run_dir)
 
 
+def bfd_rows(pairs, seq_length):
+    """The rows best-fit packing makes of the pairs file (each side gets half a row)."""
+    from megatron_danube.data.chat.dataset import encode_files
+    from megatron_danube.data.chat.encoder import ChatEncoder
+    from megatron_danube.data.chat.packing import bfd_packs
+    from megatron_danube.data.chat.preference import pair_lengths
+    from megatron_danube.data.chat.template import DANUBE_TEMPLATE
+    from megatron_danube.data.tokenizer import load_tokenizer
+
+    encoder = ChatEncoder(load_tokenizer("mistral-v1"), DANUBE_TEMPLATE, seq_length // 2)
+    samples = encode_files([pairs], encoder, "pairs", kind="dpo")
+    return bfd_packs(pair_lengths(samples), seq_length)
+
+
 def assert_like_trl(records, trl_log):
     steps = [r for r in records if "rewards/chosen" in r]
     assert len(steps) == len(trl_log) == 2
@@ -79,8 +93,13 @@ def test_one_rank_matches_trl(single_rank_run, trl_log):
 
 
 def test_tp2_pp2_matches_trl(tmp_path, start, pairs, trl_log):
+    """Packed best-fit (several pairs a row; TRL pads one pair a row): the same numbers, with
+    a global batch of one epoch's rows, as TRL's batch is every pair."""
     run_dir = tmp_path / "tp2pp2"
-    layout = ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]
+    rows = len(bfd_rows(pairs, seq_length=512))
+    assert rows < 6  # pairs do share rows
+    layout = ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "chat.packing=bfd"]
+    layout.append(f"train.global_batch_tokens={rows * 512}")
     finetune(run_dir, f"chat.train=[{pairs}]", f"checkpoint.load={start}", *layout, nproc=4)
     assert_like_trl(metrics(str(run_dir)), trl_log)
 

@@ -201,3 +201,46 @@ def test_exports_merged_and_as_a_peft_adapter_agree(setup, lora_run, two_bases, 
     )
     assert wrong.returncode == 2 and "is another model (manifest" in wrong.stderr
     assert not (tmp_path / "wrong").exists()
+
+
+def test_a_lora_run_is_evaluated_as_it_trained(lora_run, tmp_path):
+    """danube-eval on the LoRA run (base + adapters, TP=2) scores as lm-eval's hf model on the
+    merged export: same choices, same log-likelihoods within 1e-4."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from megatron_danube.eval.demo_tasks import MC_TASK, write_demo_tasks
+
+    tasks = write_demo_tasks(str(tmp_path / "tasks"))
+    merged = tmp_path / "merged"
+    args = ["--to", "hf", "--merge-lora", "--load", lora_run, "--dtype", "float32"]
+    launch("megatron_danube.cli.convert", *args, "--save", merged, check=True)
+    output = tmp_path / "results.json"
+    launch(
+        "megatron_danube.eval",
+        *["--load", lora_run, "--tasks", MC_TASK, "--include-path", tasks, "--limit", 8],
+        *["--bootstrap-iters", 0, "--output", output, "--log-samples"],
+        *["parallel.tensor_parallel=2", "model.spec=local", "train.device=cpu"],
+        nproc=2,
+        check=True,
+        timeout=900,
+    )
+    ours = json.loads(output.read_text())
+    reference = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={merged},dtype=float32",
+        device="cpu",
+        batch_size=4,
+        tasks=[MC_TASK],
+        limit=8,
+        task_manager=TaskManager(include_path=tasks),
+        bootstrap_iters=0,
+        log_samples=True,
+    )
+    assert ours["results"][MC_TASK]["acc,none"] == reference["results"][MC_TASK]["acc,none"]
+    mine = {s["doc_id"]: s["resps"] for s in ours["samples"][MC_TASK]}
+    theirs = {s["doc_id"]: s["resps"] for s in reference["samples"][MC_TASK]}
+    assert sorted(mine) == sorted(theirs) and len(mine) == 8
+    for doc, expected in theirs.items():
+        for got, ref in zip(mine[doc], expected):
+            assert abs(float(got[0][0]) - float(ref[0][0])) < 1e-4, (doc, got, ref)
