@@ -153,7 +153,7 @@ def packing_fills(lengths: np.ndarray, seed: int) -> Dict[str, Dict[str, float]]
 
 def cache_resident_bytes(samples, folder: str) -> int:
     """Resident memory a fresh process gains loading the cache and reading one sample."""
-    path = os.path.join(folder, "sft-benchmark.npz")
+    path = os.path.join(folder, "sft-benchmark-cache")  # a file or a folder, as the cache is
     samples.save(path)
     out = subprocess.run(
         [sys.executable, "-c", CACHE_PROBE, path],

@@ -21,7 +21,7 @@ from typing import List, Tuple
 import numpy as np
 
 from megatron_danube.data.chat.encoder import ChatEncoder, SampleError, check_messages
-from megatron_danube.data.chat.records import BadRecords, read_records
+from megatron_danube.data.chat.records import BadRecords, read_jsonl
 from megatron_danube.data.chat.samples import ChatSamples, concatenate_samples
 from megatron_danube.data.chat.template import ROLES
 
@@ -100,7 +100,7 @@ def encode_pair_files(paths: List[str], encoder: ChatEncoder, what: str) -> Chat
     """Every record's pair, chosen at 2i and rejected at 2i + 1; bad records counted, skipped."""
     bad = BadRecords()
     parts, stats = [], {"records": 0, "no_supervised_tokens": 0, "truncated": 0}
-    for path, number, record in read_records(paths, bad):
+    for path, number, record in read_jsonl(paths, bad):
         stats["records"] += 1
         try:
             prompt, chosen, rejected = pair_of(record)
