@@ -18,6 +18,7 @@ EXTRAS = {
     "tokenizers": "hf",
     "zstandard": "data",
     "pyarrow": "data",
+    "datasets": "data",
     "mistral_common": "demo",
     "transformer_engine": "te",
     "lm_eval": "eval",

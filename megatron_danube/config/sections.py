@@ -190,9 +190,9 @@ class ChatSection:
     """Chat fine-tuning data (`job: sft`): JSONL conversations, template, packing."""
 
     train: List[str] = field(default_factory=list)
-    """JSONL files: `messages` lists, or `prompt` with `response`/`completion` (README)."""
+    """JSONL (.gz, .zst) or save_to_disk dataset dirs: `messages` or `prompt` records (README)."""
     valid: List[str] = field(default_factory=list)
-    """Held-out JSONL files for validation; empty: `valid_fraction` of `train`."""
+    """Held-out files or saved datasets, as `train`; empty: `valid_fraction` of `train`."""
     valid_fraction: float = 0.0
     """Share of `train` samples held out when `valid` is empty (0: no validation)."""
     template: str = "danube"

@@ -28,13 +28,14 @@ LABELS = {
 
 
 def files_digest(paths: List[str]) -> str:
-    """A hash of the files' bytes, in the order given."""
+    """A hash of the inputs' bytes, in the order given (a saved dataset: its arrow files)."""
+    from megatron_danube.data.chat.records import content_blocks
+
     outer = hashlib.sha256()
     for path in paths:
         inner = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                inner.update(block)
+        for block in content_blocks(path):
+            inner.update(block)
         outer.update(inner.digest())
     return outer.hexdigest()[:16]
 

@@ -74,3 +74,47 @@ def test_benchmark_preprocess_small():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| preprocess_data.py --workers 2 |" in out.stdout
     assert "| baseline: encode per line" in out.stdout
+
+
+def test_benchmark_chat_data_small(tmp_path):
+    json_path = tmp_path / "chat-data.json"
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "benchmark_chat_data.py"),
+            "--conversations",
+            "300",
+            "--workers",
+            "1",
+            "--json",
+            str(json_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| megatron_danube encode_files" in out.stdout and "| TRL " in out.stdout
+    import json
+
+    written = json.loads(json_path.read_text())
+    keys = (
+        "fill",
+        "greedy_fill",
+        "encode_tokens_per_s",
+        "trl_encode_tokens_per_s",
+        "encode_conversations_per_s",
+        "peak_rss_bytes",
+        "cache_rss_bytes",
+        "hardware",
+    )
+    assert all(key in written for key in keys), sorted(written)
+    assert written["conversations"] == written["samples"] == 300
+    assert 600 <= written["mean_tokens"] <= 840  # shaped like the recipe's conversations
+    for length in ("2048", "4096", "16384"):
+        assert 0 < written["greedy_fill"][length] <= written["fill"][length] <= 1
+    assert written["encode_tokens_per_s"] > 0 and written["trl_encode_tokens_per_s"] > 0
+    assert written["peak_rss_bytes"] > 0 and written["cache_rss_bytes"] > 0
+    assert written["hardware"]["cores"] >= 1 and written["hardware"]["cpu"]

@@ -39,12 +39,13 @@ PROGRESS_EVERY_S = 30.0
 
 
 def files_digest(paths: List[str]) -> str:
+    from megatron_danube.data.chat.records import content_blocks
+
     digest = hashlib.sha256()
     for path in paths:
         digest.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        for block in content_blocks(path):
+            digest.update(block)
     return digest.hexdigest()
 
 

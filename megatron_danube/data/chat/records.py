@@ -1,6 +1,12 @@
-"""Chat records from JSONL files: the formats TRL users have, bad lines reported as `file:line`.
+"""Chat records as users hold them, in the formats TRL users have; bad ones reported by place.
 
-Accepted per line (a JSON object):
+Inputs: JSONL files, plain or compressed (`.gz`, `.zst`, by extension), streamed line by line
+and reported as `file:line`; and datasets saved by HF `datasets`' `save_to_disk` (a directory
+with `state.json`, `dataset_info.json` and arrow files), memory-mapped and read row by row,
+reported as `DIR:row N` (N counts from 0, as `dataset[N]` does). A `DatasetDict` directory is
+refused: one split's directory (`DIR/train`) is one input.
+
+Accepted per record (a JSON object, or a dataset row):
 
 * `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}` (multi-turn);
 * `{"prompt": "...", "response": "..."}` (or `"completion"`), with an optional `"system"`;
@@ -9,6 +15,8 @@ Accepted per line (a JSON object):
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -34,13 +42,73 @@ class BadRecords:
             self.examples.append(f"{where}: {reason}")
 
 
+INPUT_KINDS = "JSONL files (.jsonl, .jsonl.gz, .jsonl.zst) or datasets saved with save_to_disk"
+SAVED_DATASET_MARKERS = ("state.json", "dataset_info.json")
+DATASET_DICT_MARKER = "dataset_dict.json"
+
+
 def check_files(paths: List[str], what: str) -> List[str]:
+    """The inputs as absolute paths, each a readable JSONL file or a saved dataset's directory;
+    DanubeConfigError naming the fix otherwise."""
     if isinstance(paths, str):
         paths = [paths]
     for path in paths:
-        if not os.path.isfile(path):
-            raise DanubeConfigError(f"{what}: {path} is not a file; give JSONL files")
+        if os.path.isdir(path):
+            _check_saved_dataset(path, what)
+        elif not os.path.isfile(path):
+            raise DanubeConfigError(f"{what}: {path} does not exist; give {INPUT_KINDS}")
+        elif path.lower().endswith(".zst"):
+            try:
+                import zstandard  # noqa: F401
+            except ImportError:
+                raise DanubeConfigError(
+                    f'{what}: {path}: .zst needs the zstandard package; pip install -e ".[data]"'
+                ) from None
     return [os.path.abspath(p) for p in paths]
+
+
+def _check_saved_dataset(path: str, what: str) -> None:
+    dict_marker = os.path.join(path, DATASET_DICT_MARKER)
+    if os.path.isfile(dict_marker):
+        with open(dict_marker) as f:
+            splits = json.load(f).get("splits", [])
+        example = os.path.join(path, splits[0] if splits else "train")
+        raise DanubeConfigError(
+            f"{what}: {path} is a DatasetDict with splits {', '.join(splits) or '(none)'}; "
+            f"give one split's directory, e.g. {example}"
+        )
+    if not all(os.path.isfile(os.path.join(path, m)) for m in SAVED_DATASET_MARKERS):
+        raise DanubeConfigError(
+            f"{what}: {path} is a directory but not a dataset saved with save_to_disk (no "
+            f"{' and '.join(SAVED_DATASET_MARKERS)}); give {INPUT_KINDS}"
+        )
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise DanubeConfigError(
+            f"{what}: {path} is a saved dataset, which needs the datasets package; "
+            f'pip install -e ".[data]"'
+        ) from None
+
+
+def saved_dataset_files(path: str) -> List[str]:
+    """A saved dataset's arrow files, in row order (as its state.json lists them)."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    return [os.path.join(path, entry["filename"]) for entry in state["_data_files"]]
+
+
+def content_blocks(path: str, block_size: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes that identify an input, in blocks: a file's own bytes; for a saved dataset,
+    each arrow file's name and size, then its bytes (the arrow files carry the features too,
+    while state.json's fingerprint differs between saves of the same rows)."""
+    files = saved_dataset_files(path) if os.path.isdir(path) else None
+    for name in files if files is not None else [path]:
+        if files is not None:
+            yield f"{os.path.basename(name)}\0{os.path.getsize(name)}\0".encode()
+        with open(name, "rb") as f:
+            while block := f.read(block_size):
+                yield block
 
 
 def _as_assistant(value, key: str) -> List[dict]:
@@ -75,17 +143,66 @@ def messages_of(record) -> List[dict]:
     return check_messages(messages + _as_assistant(record[answer_key], answer_key), ROLES)
 
 
-def read_jsonl(paths: List[str], bad: BadRecords) -> Iterator[Tuple[str, int, object]]:
-    """(path, line number, parsed object) per non-empty line; undecodable lines go to `bad`."""
+class RowNumber(int):
+    """A saved dataset's row index: an int, written `row N` where a record is named
+    (`DIR:row N`), as a line number is written `N` (`file:N`)."""
+
+    def __str__(self) -> str:
+        return f"row {int(self)}"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def read_records(paths: List[str], bad: BadRecords) -> Iterator[Tuple[str, int, object]]:
+    """(input, line number or RowNumber, record) per record, streamed: a JSONL line (plain,
+    .gz or .zst) or a saved dataset's row. Lines that are not JSON go to `bad`."""
     for path in paths:
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    yield path, number, json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    bad.add(where, "invalid UTF-8")
-                except json.JSONDecodeError as exc:
-                    bad.add(where, f"malformed JSON ({exc.msg})")
+        if os.path.isdir(path):
+            yield from _read_saved_dataset(path)
+        else:
+            yield from _read_jsonl_file(path, bad)
+
+
+def _open_lines(path: str):
+    """A binary file object over the file's decompressed bytes (iterating it yields lines)."""
+    lower = path.lower()
+    if lower.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if lower.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+    return open(path, "rb")
+
+
+def _read_jsonl_file(path: str, bad: BadRecords) -> Iterator[Tuple[str, int, object]]:
+    with _open_lines(path) as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield path, number, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad.add(where, "invalid UTF-8")
+            except json.JSONDecodeError as exc:
+                bad.add(where, f"malformed JSON ({exc.msg})")
+
+
+def _read_saved_dataset(path: str) -> Iterator[Tuple[str, RowNumber, dict]]:
+    import datasets
+
+    dataset = datasets.load_from_disk(path)
+    if not isinstance(dataset, datasets.Dataset):  # check_files refuses these first
+        raise DanubeConfigError(f"{path} holds several splits; give one split's directory")
+    # Plain Python rows whatever format the set was saved with; iterating reads the
+    # memory-mapped arrow files a small batch at a time, never the whole set.
+    for index, row in enumerate(dataset.with_format(None)):
+        # A column a row does not use is null there (arrow has no absent keys): drop it, so
+        # the row reads as the JSONL record without that key would.
+        yield path, RowNumber(index), {k: v for k, v in row.items() if v is not None}
+
+
+# The name the encoders have always called; it reads every kind of input.
+read_jsonl = read_records
