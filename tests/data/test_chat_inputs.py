@@ -13,7 +13,6 @@ import pytest
 
 from megatron_danube.data.chat.dataset import encode_files, files_digest
 from megatron_danube.data.chat.encoder import ChatEncoder
-from megatron_danube.data.chat.preference import encode_pair_files
 from megatron_danube.data.chat.records import BadRecords, check_files, read_records
 from megatron_danube.data.chat.template import DANUBE_TEMPLATE
 from megatron_danube.data.tokenizer import load_tokenizer
@@ -108,10 +107,12 @@ def test_a_bad_row_of_a_saved_dataset_is_named_by_its_row(tmp_path, encoder):
 
 def test_preference_pairs_read_from_every_input_kind(tmp_path, encoder):
     inputs = write_inputs(tmp_path, PAIRS)
-    plain = encode_pair_files([str(inputs["jsonl"])], encoder, "chat.train")
+    plain = encode_files([str(inputs["jsonl"])], encoder, "chat.train", kind="dpo")
     assert len(plain) == 2 * len(PAIRS)
     for kind in ("gz", "zst", "saved"):
-        assert_same_samples(plain, encode_pair_files([str(inputs[kind])], encoder, "chat.train"))
+        assert_same_samples(
+            plain, encode_files([str(inputs[kind])], encoder, "chat.train", kind="dpo")
+        )
 
 
 def test_a_saved_dataset_is_identified_by_its_rows(tmp_path):

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from megatron_danube.data.chat.encoder import ChatEncoder, EncodedSample, SampleError
 from megatron_danube.data.chat.preference import pair_of
-from megatron_danube.data.chat.records import BadRecords, messages_of, read_jsonl
+from megatron_danube.data.chat.records import BadRecords, messages_of, read_records
 from megatron_danube.data.chat.samples import (
     ChatSamples,
     DamagedSamples,
@@ -112,7 +112,7 @@ def encode_files(
     bad = BadRecords()
     stats = {"records": 0, "bad_records": 0, "no_supervised_tokens": 0, "truncated": 0}
     sink = SampleWriter(directory) if directory else _InMemory()
-    records = ((f"{path}:{number}", record) for path, number, record in read_jsonl(paths, bad))
+    records = ((f"{path}:{number}", record) for path, number, record in read_records(paths, bad))
     batches = _batches(records, RECORDS_PER_TASK)
     first = next(batches, [])
     worker = RecordEncoder(encoder, kind)

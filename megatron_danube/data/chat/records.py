@@ -202,7 +202,3 @@ def _read_saved_dataset(path: str) -> Iterator[Tuple[str, RowNumber, dict]]:
         # A column a row does not use is null there (arrow has no absent keys): drop it, so
         # the row reads as the JSONL record without that key would.
         yield path, RowNumber(index), {k: v for k, v in row.items() if v is not None}
-
-
-# The name the encoders have always called; it reads every kind of input.
-read_jsonl = read_records
