@@ -65,9 +65,11 @@ class WorkerPool:
     memory) fails the run instead of leaving it waiting for the results it held.
     """
 
-    def __init__(self, worker, processes: int, what: str = "tokenising"):
-        # fork: a worker starts without importing the package again; elsewhere fork is unsafe.
-        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    def __init__(self, worker, processes: int, what: str = "tokenising", fork: bool = True):
+        # fork: a worker starts without importing the package again, but only from a process
+        # without threads of its own (a training rank has gloo's and torch's: its forked
+        # children can block forever on a lock a thread held), and only on Linux.
+        ctx = mp.get_context("fork" if fork and sys.platform == "linux" else "spawn")
         self._tasks = ctx.Queue()
         self._tasks.cancel_join_thread()  # tasks left unsent when a run fails are dropped
         self._results = ctx.Queue()

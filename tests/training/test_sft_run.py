@@ -226,3 +226,30 @@ def test_a_start_from_a_checkpoint_of_another_tokenizer_is_refused(
     assert proc.returncode == 2
     assert f"checkpoint.load={overfit_run} was trained with another tokenizer" in proc.stderr
     assert not os.path.exists(tmp_path / "new" / "checkpoints")
+
+
+def test_a_training_rank_encodes_in_worker_processes(tmp_path, hf_start):
+    """More conversations than one worker batch: rank 0 of a 2-rank launch encodes them in two
+    worker processes (a forked worker of a rank with threads can block forever: this is the
+    test of the start method)."""
+    from megatron_danube.data.chat.dataset import RECORDS_PER_TASK
+    from megatron_danube.data.demo_chat import conversations
+
+    train, _ = conversations()
+    data = tmp_path / "many.jsonl"
+    lines = [json.dumps(r) for r in train] * 2
+    assert len(lines) > RECORDS_PER_TASK
+    data.write_text("\n".join(lines) + "\n")
+    run_dir = tmp_path / "run"
+    proc = run_finetune(
+        run_dir,
+        f"chat.train=[{data}]",
+        f"checkpoint.load={hf_start}",
+        "chat.workers=2",
+        "train.exit_after_steps=1",
+        config="tests/training/tiny_sft.yaml",
+        nproc=2,
+        timeout=300,
+    )
+    assert f"encoded train: {len(lines)} records" in proc.stderr + proc.stdout
+    assert records(str(run_dir), "loss")

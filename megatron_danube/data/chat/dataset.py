@@ -121,7 +121,8 @@ def encode_files(
         # Each worker encodes one conversation at a time; tokenizers' own threads would only
         # contend with the other workers (and warn after the fork).
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        pool = WorkerPool(worker, workers, what="chat encoding")
+        # spawn: the encoding rank is a training process, with threads (see WorkerPool).
+        pool = WorkerPool(worker, workers, what="chat encoding", fork=False)
     progress = _Progress(what)
     try:
         pending = deque()

@@ -82,6 +82,12 @@ class ChatTemplate:
         self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
         self._compiled = _compile(template)
 
+    def __getstate__(self):  # the compiled template does not pickle: its source does
+        return {"source": self.source, "special_tokens": self.special_tokens}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["source"], state["special_tokens"])
+
     def render(self, messages: List[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as text; a template error (a Jinja one, e.g. an undefined name,
         or its own `raise_exception`) is raised as `TemplateError`."""
