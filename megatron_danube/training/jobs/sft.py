@@ -64,7 +64,10 @@ def chat_plan(cfg: RunConfig, *, pairs: bool = False) -> Plan:
 
         ensure_demo_chat(chat.demo_dir)
     if not chat.train:
-        raise DanubeConfigError(f"job: {cfg.job} needs chat.train (JSONL files)")
+        raise DanubeConfigError(
+            f"job: {cfg.job} needs chat.train (JSONL files, .jsonl.gz or .jsonl.zst, or a "
+            f"saved datasets directory)"
+        )
     files = {"chat.train": tuple(check_files(chat.train, "chat.train"))}
     if chat.valid:
         files["chat.valid"] = tuple(check_files(chat.valid, "chat.valid"))
