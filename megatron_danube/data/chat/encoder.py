@@ -135,11 +135,14 @@ class ChatEncoder:
         ids, offsets = self.encode_ids(text)
         if len(ids) < 2:
             raise SampleError("the conversation renders to fewer than 2 tokens")
+        # A token is the assistant's when its characters overlap one of the spans (a piece
+        # merged across the boundary of a span counts as the assistant's); an empty piece
+        # (a == b) is when it sits inside one.
+        bounds = np.asarray(offsets, dtype=np.int64).reshape(len(ids), 2)
+        a, b = bounds[:, 0], bounds[:, 1]
         written = np.zeros(len(ids), dtype=bool)
-        for index, (a, b) in enumerate(offsets):
-            # A token is the assistant's when its characters overlap one of the spans; a piece
-            # merged across the boundary of a span counts as the assistant's.
-            written[index] = any((a < e and b > s) or (a == b and s <= a < e) for s, e in spans)
+        for s, e in spans:
+            written |= ((a < e) & (b > s)) | ((a == b) & (s <= a) & (a < e))
         tokens = np.asarray(ids, dtype=np.int32)
         return self._shift_and_truncate(tokens, written)
 
