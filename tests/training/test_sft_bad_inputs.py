@@ -38,7 +38,7 @@ def chat(tmp_path):
         (["chat.train=[]"], "job: sft needs chat.train"),
         (
             ["chat.train=[/nonexistent/chat.jsonl]"],
-            "chat.train: /nonexistent/chat.jsonl is not a file",
+            "chat.train: /nonexistent/chat.jsonl does not exist; give JSONL files",
         ),
         (["checkpoint.load=null"], "set checkpoint.load to a run directory"),
         (["checkpoint.load=/"], "checkpoint.load /: not a megatron_danube checkpoint"),
