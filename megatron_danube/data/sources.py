@@ -141,7 +141,9 @@ def make_partitions(files: List[str], partitions: int) -> List[List[Piece]]:
     return parts
 
 
-def _open_binary(path: str):
+def open_binary(path: str):
+    """A binary file object over a file's decompressed bytes (`.gz`, `.zst` by extension);
+    iterating it yields lines, never the whole file."""
     lower = path.lower()
     if lower.endswith(".gz"):
         return gzip.open(path, "rb")
@@ -165,7 +167,7 @@ def read_piece(piece: Piece) -> Iterator[Tuple[int, object]]:
                 row += 1
                 yield row, {k: v[i] for k, v in data.items()}
         return
-    with _open_binary(piece.path) as f:
+    with open_binary(piece.path) as f:
         if piece.start:
             f.seek(piece.start)
         pos, number = piece.start, piece.first_line

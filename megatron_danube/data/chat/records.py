@@ -15,8 +15,6 @@ Accepted per record (a JSON object, or a dataset row):
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from typing import Iterator, List, Tuple
 
 from megatron_danube.data.chat.encoder import SampleError, check_messages
 from megatron_danube.data.chat.template import ROLES
+from megatron_danube.data.sources import open_binary
 from megatron_danube.errors import DanubeConfigError
 
 SHOWN_BAD_RECORDS = 5
@@ -164,20 +163,8 @@ def read_records(paths: List[str], bad: BadRecords) -> Iterator[Tuple[str, int, 
             yield from _read_jsonl_file(path, bad)
 
 
-def _open_lines(path: str):
-    """A binary file object over the file's decompressed bytes (iterating it yields lines)."""
-    lower = path.lower()
-    if lower.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if lower.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return open(path, "rb")
-
-
 def _read_jsonl_file(path: str, bad: BadRecords) -> Iterator[Tuple[str, int, object]]:
-    with _open_lines(path) as f:
+    with open_binary(path) as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
