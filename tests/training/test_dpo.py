@@ -38,19 +38,24 @@ def metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def trl_log(tmp_path_factory, start, pairs):
+def run_trl(out, start, pairs, *peft):
+    """TRL's two DPO steps (tests/training/trl_dpo_reference.py) in their own process, with
+    `peft` = (ADAPTER_DIR, HOW) for LoRA; its per-step log."""
     pytest.importorskip("trl")
-    out = tmp_path_factory.mktemp("trl") / "log.json"
     script = os.path.join(REPO, "tests", "training", "trl_dpo_reference.py")
     proc = subprocess.run(
-        [sys.executable, script, start, pairs, str(out), "0.2", "0.05"],
+        [sys.executable, script, start, pairs, str(out), "0.2", "0.05", *peft],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def trl_log(tmp_path_factory, start, pairs):
+    return run_trl(tmp_path_factory.mktemp("trl") / "log.json", start, pairs)
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +79,22 @@ def bfd_rows(pairs, seq_length):
     return bfd_packs(pair_lengths(samples), seq_length)
 
 
-def assert_like_trl(records, trl_log):
+def assert_steps_match(records, log):
+    """Our two logged DPO steps against TRL's, key by key, within 1e-4 relative; the steps."""
     steps = [r for r in records if "rewards/chosen" in r]
-    assert len(steps) == len(trl_log) == 2
-    for ours, theirs in zip(steps, trl_log):
+    assert len(steps) == len(log) == 2
+    for ours, theirs in zip(steps, log):
         for key in TRL_KEYS:
             assert math.isclose(ours[key], theirs[key], rel_tol=1e-4, abs_tol=1e-5), (
                 key,
                 ours[key],
                 theirs[key],
             )
+    return steps
+
+
+def assert_like_trl(records, trl_log):
+    steps = assert_steps_match(records, trl_log)
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)  # policy == reference
     assert steps[1]["rewards/margins"] > 0.1  # the second step compares something real
 

@@ -7,16 +7,12 @@
   copy of the starting adapter).
 """
 
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
-from tests.training.test_dpo import TRL_KEYS, finetune, metrics
+from tests.training.test_dpo import assert_steps_match, finetune, metrics, run_trl
 
 pytestmark = pytest.mark.slow
 
@@ -45,17 +41,7 @@ def adapter(tmp_path_factory, start):
 
 
 def trl_log(tmp_path_factory, start, pairs, adapter, how):
-    pytest.importorskip("trl")
-    out = tmp_path_factory.mktemp("trl") / f"{how}.json"
-    script = os.path.join(REPO, "tests", "training", "trl_dpo_reference.py")
-    proc = subprocess.run(
-        [sys.executable, script, start, pairs, str(out), "0.2", "0.05", adapter, how],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_trl(tmp_path_factory.mktemp("trl") / f"{how}.json", start, pairs, adapter, how)
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +60,6 @@ def lora_args(pairs, adapter, reference):
     ]
 
 
-def assert_like(records, log):
-    steps = [r for r in records if "rewards/chosen" in r]
-    assert len(steps) == len(log) == 2
-    for ours, theirs in zip(steps, log):
-        for key in TRL_KEYS:
-            assert math.isclose(ours[key], theirs[key], rel_tol=1e-4, abs_tol=1e-5), (
-                key,
-                ours[key],
-                theirs[key],
-            )
-
-
 def test_adapters_off_reference_matches_trl_with_a_peft_config(
     tmp_path,
     pairs,
@@ -95,7 +69,7 @@ def test_adapters_off_reference_matches_trl_with_a_peft_config(
     run_dir = tmp_path / "tp1"
     finetune(run_dir, *lora_args(pairs, adapter, "adapters_off"))
     records = metrics(str(run_dir))
-    assert_like(records, trl_adapters_off)
+    assert_steps_match(records, trl_adapters_off)
     # The starting adapter moves the policy off the base: the first loss is not log 2.
     assert abs(records[0]["loss"] - math.log(2)) > 1e-3
     assert not os.path.exists(run_dir / "reference_logps.npz")
@@ -110,7 +84,7 @@ def test_adapters_off_reference_matches_trl_at_tp2_pp2(
     run_dir = tmp_path / "tp2pp2"
     layout = ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]
     finetune(run_dir, *lora_args(pairs, adapter, "adapters_off"), *layout, nproc=4)
-    assert_like(metrics(str(run_dir)), trl_adapters_off)
+    assert_steps_match(metrics(str(run_dir)), trl_adapters_off)
 
 
 def test_precomputed_reference_matches_trl_with_the_adapter_as_reference(
@@ -124,5 +98,5 @@ def test_precomputed_reference_matches_trl_with_the_adapter_as_reference(
     run_dir = tmp_path / "precomputed"
     finetune(run_dir, *lora_args(pairs, adapter, "precomputed"))
     records = metrics(str(run_dir))
-    assert_like(records, log)
+    assert_steps_match(records, log)
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)  # policy == reference
