@@ -11,23 +11,27 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow  # launches training processes
 
 
-def test_benchmark_throughput_tiny_on_cpu(tmp_path):
-    json_path = tmp_path / "bench.json"
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "benchmark_throughput.py"),
-            "--tiny",
-            "--rows",
-            "local,hf-eager",
-            "--json",
-            str(json_path),
-        ],
+def run_tool(script, *args):
+    """`tools/SCRIPT ARGS` in its own process, this checkout importable."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", script), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
         env=dict(os.environ, PYTHONPATH=REPO),
+    )
+
+
+def test_benchmark_throughput_tiny_on_cpu(tmp_path):
+    json_path = tmp_path / "bench.json"
+    out = run_tool(
+        "benchmark_throughput.py",
+        "--tiny",
+        "--rows",
+        "local,hf-eager",
+        "--json",
+        str(json_path),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [
@@ -56,20 +60,12 @@ def test_benchmark_throughput_tiny_on_cpu(tmp_path):
 
 
 def test_benchmark_preprocess_small():
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "benchmark_preprocess.py"),
-            "--mb",
-            "2",
-            "--workers",
-            "2",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, PYTHONPATH=REPO),
+    out = run_tool(
+        "benchmark_preprocess.py",
+        "--mb",
+        "2",
+        "--workers",
+        "2",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| preprocess_data.py --workers 2 |" in out.stdout
@@ -78,22 +74,14 @@ def test_benchmark_preprocess_small():
 
 def test_benchmark_chat_data_small(tmp_path):
     json_path = tmp_path / "chat-data.json"
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "benchmark_chat_data.py"),
-            "--conversations",
-            "300",
-            "--workers",
-            "1",
-            "--json",
-            str(json_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, PYTHONPATH=REPO),
+    out = run_tool(
+        "benchmark_chat_data.py",
+        "--conversations",
+        "300",
+        "--workers",
+        "1",
+        "--json",
+        str(json_path),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| megatron_danube encode_files" in out.stdout and "| TRL " in out.stdout
