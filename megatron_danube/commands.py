@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from megatron_danube.errors import DanubeConfigError, missing_extra_message
+from megatron_danube.errors import DanubeConfigError, DanubeRankError, missing_extra_message
 
 
 def run_command(
@@ -34,6 +34,8 @@ def run_command(
     args = parser.parse_args(argv)
     try:
         return int(body(args) or 0)
+    except DanubeRankError as exc:
+        return fail(prog, str(exc), this_rank_only=True, exit_code=exc.exit_code)
     except DanubeConfigError as exc:
         return fail(prog, str(exc))
     except ModuleNotFoundError as exc:
@@ -62,11 +64,12 @@ def weights_only_loads() -> None:
     os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
 
-def fail(prog: str, message: str) -> int:
+def fail(prog: str, message: str, this_rank_only: bool = False, exit_code: int = 2) -> int:
     """Exit code 2 and the one-line error, printed once: by rank 0 of a launched job (every
-    rank reaches the same verdict on a config; the others stay quiet)."""
+    rank reaches the same verdict on a config; the others stay quiet), or, for a problem only
+    this rank met (`this_rank_only`), by this rank. The exit code is 2 unless given."""
     logging.getLogger(prog).debug("failing: %s", message)
-    if launched_rank() == 0:
+    if this_rank_only or launched_rank() == 0:
         sys.stderr.write(f"{prog}: error: {message}\n")
         sys.stderr.flush()
     else:
@@ -74,7 +77,7 @@ def fail(prog: str, message: str) -> int:
 
         # Rank 0 prints the line; the launcher tears the job down when the first rank exits.
         time.sleep(QUIET_RANK_EXIT_DELAY_S)
-    return 2
+    return exit_code
 
 
 QUIET_RANK_EXIT_DELAY_S = 3.0

@@ -11,6 +11,20 @@ class DanubeConfigError(ValueError):
         super().__init__(" ".join(message.split()))
 
 
+class DanubeRankError(DanubeConfigError):
+    """A problem one rank meets on its own (it cannot reach the others, say): unlike a config
+    error, which every rank finds alike and rank 0 reports, the rank that met it prints it."""
+
+    exit_code = 2
+
+
+class DanubePeerLost(DanubeRankError):
+    """Another rank stopped answering mid-run (its node died, or it crashed): not bad input,
+    so the exit code is 1."""
+
+    exit_code = 1
+
+
 # Optional modules -> the extra of this package that installs them.
 EXTRAS = {
     "safetensors": "hf",

@@ -138,6 +138,13 @@ class TrainSection:
     (exit 1)."""
     exit_after_steps: Optional[int] = None
     """Stop, with a checkpoint, after this many steps of this process."""
+    distributed_timeout_minutes: float = 30.0
+    """How long a collective or barrier waits for the other ranks before the run fails: a rank
+    lost with its node ends the job after this long instead of hanging it. Covers rank 0
+    encoding chat data while the others wait, so keep it above that."""
+    rendezvous_timeout_s: float = 300.0
+    """How long the ranks wait at start to reach each other at MASTER_ADDR:MASTER_PORT before
+    failing with a message naming what did not arrive."""
 
 
 @dataclass

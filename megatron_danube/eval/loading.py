@@ -113,6 +113,8 @@ def check_checkpoint(load: str, cfg: RunConfig, tokenizer: Optional[str] = None)
         cfg.parallel,
         spec=cfg.model.spec,
         device=cfg.train.device,
+        timeout_minutes=cfg.train.distributed_timeout_minutes,
+        rendezvous_timeout_s=cfg.train.rendezvous_timeout_s,
         seq_length=model.max_position_embeddings,
         fp8=cfg.precision.fp8,
     )

@@ -8,7 +8,6 @@ applies `cpu_compat` (and only there).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import random
 import subprocess
@@ -170,11 +169,13 @@ def initialize(
     spec: str = "auto",
     device: str = "auto",
     seq_length: Optional[int] = None,
-    timeout_minutes: int = 30,
+    timeout_minutes: float = 30.0,
+    rendezvous_timeout_s: float = 300.0,
     checked: Optional[tuple] = None,
 ) -> Runtime:
     """Validate the layout (unless `checked`, check_layout's answer, is passed), then init
-    torch.distributed and megatron's parallel groups."""
+    torch.distributed (see `rendezvous`) and megatron's parallel groups; collectives give up
+    after `timeout_minutes`."""
     launch, device_type, resolved_spec = checked or check_layout(
         model, layout, spec=spec, device=device, seq_length=seq_length
     )
@@ -190,12 +191,17 @@ def initialize(
         backend = "gloo"
 
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+        from megatron_danube.runtime.rendezvous import start_process_group
+
+        start_process_group(
+            backend,
+            launch.master_addr,
+            launch.master_port,
+            launch.rank,
+            launch.world_size,
+            launch.launcher,
+            rendezvous_timeout_s=rendezvous_timeout_s,
+            timeout_minutes=timeout_minutes,
         )
     from megatron.core import parallel_state
 
