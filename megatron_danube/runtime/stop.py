@@ -20,10 +20,13 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signal = signum
 
-    def agreed(self, device) -> bool:
+    def ranks_signalled(self, device) -> int:
+        """How many ranks have received a stop signal (0: none); the same answer on every
+        rank, so all stop together even where the signal reached only some (across nodes,
+        the launcher may deliver it to one node before the other)."""
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        count = torch.tensor([1.0 if self.signal else 0.0], device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        return int(count.item())

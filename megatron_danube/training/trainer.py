@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -70,6 +71,8 @@ class Trainer:
             seed=cfg.train.seed,
             spec=cfg.model.spec,
             device=cfg.train.device,
+            timeout_minutes=cfg.train.distributed_timeout_minutes,
+            rendezvous_timeout_s=cfg.train.rendezvous_timeout_s,
             seq_length=plan.max_seq_length,
             checked=plan.layout,
         )
@@ -212,8 +215,13 @@ class Trainer:
         if self.cfg.logging.eval_at_start and s.iteration == 0:
             self.evaluate()
         while s.consumed_tokens < self.job.total_tokens:
-            if self.stop.agreed(self.rt.device):
-                self.reason = "signal received: saved at a step boundary"
+            signalled = self.stop.ranks_signalled(self.rt.device)
+            if signalled:
+                name = signal.Signals(self.stop.signal).name if self.stop.signal else "a signal"
+                self.reason = (
+                    f"signal received: saved at a step boundary ({name} reached {signalled} of "
+                    f"{self.rt.world_size} rank(s))"
+                )
                 break
             batch = self.job.train_batch(s)
             result = train_step(
@@ -431,5 +439,12 @@ def run(
     try:
         trainer.resume()
         return trainer.train()
+    except RuntimeError as exc:
+        from megatron_danube.runtime.rendezvous import lost_peer
+
+        lost = lost_peer(exc, trainer.rt.rank, plan.config.train.distributed_timeout_minutes)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         trainer.close()
