@@ -60,8 +60,11 @@ PY
 fi
 mkdir -p "$RUN_DIR/logs"
 
-# Rendezvous: the first node of the allocation hosts the TCP store.
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# Rendezvous: the first node of the allocation hosts the TCP store, reached at its NodeAddr
+# (the address SLURM itself reaches it at: node names may resolve only on some hosts).
+first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+node_addr=$(scontrol show node -o "$first_node" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2 || true)
+export MASTER_ADDR=${node_addr:-$first_node}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export PYTHONUNBUFFERED=1
