@@ -1,0 +1,274 @@
+"""Two SLURM nodes for real: `two_nodes.sh` brings up slurmctld and two slurmd, each in its own
+network namespace with its own address (n1 = SUBNET.11, n2 = SUBNET.12), and the launchers in
+`slurm/` run across them at tiny scale on the CPU. Every run is compared with a one-node
+torchrun of the same four-rank layout, loss for loss.
+
+What these runs cover: the rendezvous at n1's address (NodeAddr: n1 does not resolve by name
+here), gloo reaching the other node's address, ranks from SLURM_PROCID across nodes, the run
+directory shared by both, preemption's signal reaching the ranks of both nodes, a node lost
+mid-run (network cut first, then every process in it killed) and the requeued job resuming.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, free_port, wait_for
+from tests.slurm.test_slurm_launcher import _bin, job_field, log_of, metric_lines, wait_done
+
+SCRIPT = os.path.join(REPO, "tests", "slurm", "two_nodes.sh")
+SUBNET = "10.213.78"  # not two_nodes.sh's default, so a cluster started by hand can coexist
+N1 = f"{SUBNET}.11"
+# SLURM declares a silent node down after this long: above the runs' collective timeout, so
+# the ranks' own timeout is what ends them, and SLURM's NODE_FAIL then ends and requeues the job.
+SLURMD_TIMEOUT_S = 45
+COLLECTIVE_TIMEOUT_MIN = 0.5
+REQUEUE_HOLD_S = 20  # SLURM's cred_expire: a requeued job waits this long (120 s by default)
+
+BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey", "ip", "nsenter")
+missing = [b for b in BINARIES if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,  # brings up a cluster and trains on it
+    pytest.mark.skipif(
+        bool(missing) or os.geteuid() != 0,
+        reason=f"two-node SLURM needs root and {', '.join(BINARIES)} (missing {missing}); "
+        f"apt-get install slurmctld slurmd slurm-client munge iproute2 util-linux",
+    ),
+]
+
+
+def _namespaces_work(prefix):
+    probe = f"{prefix}-probe"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return made.returncode == 0, made.stderr.strip()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    prefix = f"dnbt{os.getpid() % 10000}"
+    works, why = _namespaces_work(prefix)
+    if not works:
+        pytest.skip(f"network namespaces cannot be made here ({why})")
+    root = tmp_path_factory.mktemp("two_nodes")
+    env = dict(
+        os.environ,
+        TWO_NODES_SUBNET=SUBNET,
+        TWO_NODES_PREFIX=prefix,
+        TWO_NODES_SLURMD_TIMEOUT=str(SLURMD_TIMEOUT_S),
+        TWO_NODES_CRED_EXPIRE=str(REQUEUE_HOLD_S),
+    )
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(var, None)  # sbatch exports the caller's environment to the job
+
+    def script(*args):
+        return subprocess.run(
+            ["bash", SCRIPT, *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    up = script("up", str(root))
+    try:
+        assert up.returncode == 0, f"two_nodes.sh up failed:\n{up.stdout}\n{up.stderr}"
+        yield {"env": dict(env, SLURM_CONF=str(root / "slurm.conf")), "root": root, "sh": script}
+    finally:
+        script("down", str(root))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from megatron_danube.data.demo_corpus import ensure_demo_corpus
+    from megatron_danube.data.tokenizer import load_tokenizer
+
+    path = tmp_path_factory.mktemp("corpus") / "pydoc_text_document"
+    return ensure_demo_corpus(str(path), load_tokenizer("mistral-v1"))
+
+
+def pretrain_overrides(corpus, steps, *more):
+    return [
+        f"train.train_tokens={steps * 1024}",
+        "optim.warmup_tokens=1024",
+        f"data.blend=[{corpus}]",
+        f"data.demo_corpus_prefix={corpus}",
+        "logging.log_interval=1",
+        "logging.eval_interval=0",
+        *more,
+    ]
+
+
+def sbatch(cluster, script, run_dir, config, overrides):
+    env = dict(cluster["env"], CONFIG=config, RUN_DIR=str(run_dir))
+    out = subprocess.run(
+        [_bin("sbatch"), "--parsable", "--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0"]
+        + ["--cpus-per-task=1", "--time=15", f"--output={run_dir}-slurm-%j.out"]
+        + [os.path.join(REPO, "slurm", script), *overrides],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().split(";")[0]
+
+
+def one_node_run(run_dir, config, overrides):
+    """The same four ranks under torchrun on one host: the reference."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4"]
+    cmd += [f"--master-port={free_port()}", "-m", "megatron_danube.pretrain"]
+    cmd += ["--config", os.path.join(REPO, config), f"run_dir={run_dir}", *overrides]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=dict(env, PYTHONPATH=REPO), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return losses(run_dir)
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["iteration"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def release(cluster, job):
+    """A requeued job is held back REQUEUE_HOLD_S (its BeginTime); start it now."""
+
+    def started():
+        subprocess.run(
+            [_bin("scontrol"), "update", f"JobId={job}", "StartTime=now"],
+            env=cluster["env"],
+            capture_output=True,
+        )
+        return job_field(cluster, job, "JobState") in ("RUNNING", "COMPLETED", "FAILED")
+
+    wait_for(started, 300, f"requeued job {job} to start", interval=2)
+
+
+def test_tp2_in_each_node_dp2_across_preempted_requeued_equals_one_node(cluster, corpus, tmp_path):
+    """TP=2 inside a node, DP=2 across the nodes; USR1 to the batch script midway (what SLURM
+    sends before the time limit): the ranks of both nodes save once, together, the script
+    requeues the job, and the requeued job resumes and ends with the one-node run's losses."""
+    config = "examples/configs/danube-tiny-cpu.yaml"
+    overrides = pretrain_overrides(corpus, 16, "parallel.tensor_parallel=2")
+    reference = one_node_run(tmp_path / "one_node", config, overrides)
+
+    run_dir = tmp_path / "two_nodes"
+    job = sbatch(cluster, "pretrain_1.8b.sh", run_dir, config, overrides)
+    wait_for(lambda: metric_lines(run_dir) >= 4, 300, "training to start")
+    subprocess.run(
+        [_bin("scancel"), "--signal=USR1", "--batch", job], env=cluster["env"], check=True
+    )
+    wait_for(lambda: job_field(cluster, job, "Restarts") == "1", 300, "the job to be requeued")
+    release(cluster, job)
+    assert wait_done(cluster, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
+
+    out = (tmp_path / f"two_nodes-slurm-{job}.out").read_text()
+    assert f"2 node(s), 4 tasks, master {N1}:" in out, out  # n1's address, not its name
+    log = log_of(run_dir, job)
+    first, second = log.split("resumed from ", 1)
+    assert "signal received: saved at a step boundary (SIGUSR1 reached 4 of 4 rank(s))" in first
+    assert first.count("saved checkpoint") == 1, first[-3000:]  # once, by all ranks together
+    assert "DP=2" in log or "DP 2" in log
+    assert "finished" in second
+    assert losses(run_dir) == reference
+
+
+def test_pp2_across_nodes_loses_a_node_and_resumes(cluster, corpus, tmp_path):
+    """TP=2 inside a node, PP=2 across the nodes; n2 is lost mid-run (its network cut, then
+    all its processes killed). The ranks on n1 stop after the collective timeout with one
+    line, SLURM ends the job (NODE_FAIL) and requeues it, the last complete checkpoint is
+    intact, and once n2 is back the job resumes from it and ends with the one-node losses."""
+    from megatron_danube.training.checkpoint_format import verify_checkpoint
+
+    config = "examples/configs/danube-tiny-cpu.yaml"
+    save_interval = 4
+    overrides = pretrain_overrides(
+        corpus,
+        24,
+        "parallel.tensor_parallel=2",
+        "parallel.pipeline_parallel=2",
+        f"checkpoint.save_interval={save_interval}",
+        f"train.distributed_timeout_minutes={COLLECTIVE_TIMEOUT_MIN}",
+    )
+    reference = one_node_run(tmp_path / "one_node", config, overrides)
+
+    run_dir = tmp_path / "two_nodes"
+    latest = run_dir / "checkpoints" / "latest"
+    job = sbatch(cluster, "pretrain_1.8b.sh", run_dir, config, overrides)
+    wait_for(
+        lambda: latest.exists() and latest.read_text().strip() >= "iter_0000008",
+        300,
+        "two checkpoints",
+    )
+    wait_for(lambda: metric_lines(run_dir) >= 10, 300, "steps past the checkpoint")
+    lost = cluster["sh"]("kill-node", str(cluster["root"]), "n2")
+    died = time.time()
+    assert lost.returncode == 0, lost.stderr
+    trained = metric_lines(run_dir)
+
+    log_path = run_dir / "logs" / f"train-{job}.log"
+    wait_for(lambda: "another rank stopped answering" in log_path.read_text(), 300, "a timeout")
+    ranks_stopped = time.time() - died
+    wait_for(lambda: job_field(cluster, job, "Restarts") == "1", 600, "SLURM to requeue the job")
+    job_ended = time.time() - died
+    kept = latest.read_text().strip()
+    assert verify_checkpoint(str(run_dir / "checkpoints" / kept)) is None
+    steps_lost = trained - int(kept.split("_")[1])
+    assert 0 <= steps_lost <= save_interval + 1  # +1: a step may end between the two reads
+
+    # n2 back at once; SLURM starts the requeued job REQUEUE_HOLD_S after the requeue (not
+    # forced sooner: requests still in flight for the lost run would reach the new one's tasks).
+    cluster["sh"]("revive-node", str(cluster["root"]), "n2")
+    assert wait_done(cluster, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
+    log = log_of(run_dir, job)
+    errors = [ln for ln in log.splitlines() if "another rank stopped answering" in ln]
+    assert errors and all(
+        f"train.distributed_timeout_minutes={COLLECTIVE_TIMEOUT_MIN:g}" in ln for ln in errors
+    )
+    assert "Traceback" not in log
+    assert f"resumed from {run_dir / 'checkpoints' / kept} " in log
+    assert losses(run_dir) == reference
+    print(
+        f"two nodes: ranks stopped {ranks_stopped:.0f} s and the job ended {job_ended:.0f} s "
+        f"after the node's loss; {steps_lost} step(s) redone"
+    )
+
+
+def test_finetune_script_runs_sft_then_dpo_across_two_nodes(cluster, tmp_path):
+    """slurm/finetune_1.8b.sh on both nodes: SFT from a Hugging Face start, then DPO from
+    the SFT run, each at TP=2 inside a node and DP=2 across the nodes."""
+    from megatron_danube.data.demo_chat import conversations, preference_pairs
+    from tests.training.conftest import hf_model
+
+    data = {"chat": conversations()[0][:8], "pairs": preference_pairs()[0][:6]}
+    for name, records in data.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    start = hf_model(tmp_path / "start", seed=0)
+    sft, dpo = tmp_path / "sft", tmp_path / "dpo"
+    runs = [
+        (
+            sft,
+            "tests/training/tiny_sft.yaml",
+            [
+                f"chat.train=[{tmp_path / 'chat.jsonl'}]",
+                f"checkpoint.load={start}",
+                "chat.epochs=1",
+            ],
+        ),
+        (
+            dpo,
+            "tests/training/tiny_dpo.yaml",
+            [f"chat.train=[{tmp_path / 'pairs.jsonl'}]", f"checkpoint.load={sft}", "chat.epochs=1"],
+        ),
+    ]
+    for run_dir, config, overrides in runs:
+        overrides = [*overrides, "parallel.tensor_parallel=2", "optim.warmup_tokens=0"]
+        job = sbatch(cluster, "finetune_1.8b.sh", run_dir, config, overrides)
+        assert wait_done(cluster, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
+        log = log_of(run_dir, job)
+        assert "DP=2" in log and "finished" in log, log[-3000:]
+        assert losses(run_dir)
