@@ -228,7 +228,9 @@ class SFTJob(Job):
 
         self.rt = rt
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.train_samples, self.valid_samples, self.data_key = self._read_data(rt.is_main)
+        self.train_samples, self.valid_samples, self.data_key = self._read_data(
+            rt.is_main, rt.launch.local_rank == 0
+        )
         self.train_packs = self._packs(self.train_samples, self.cfg.chat.epochs, shuffle=True)
         self.valid_packs = self._packs(self.valid_samples, 1, shuffle=False)
         steps = math.ceil(len(self.train_packs) / self.packs_per_step)
@@ -248,7 +250,7 @@ class SFTJob(Job):
             decrease_batch_size_if_needed=False,
         )
 
-    def _read_data(self, is_main: bool):
+    def _read_data(self, is_main: bool, node_main: bool):
         from megatron_danube.data.chat.dataset import data_identity, describe, shared_samples
         from megatron_danube.data.chat.encoder import ChatEncoder
 
@@ -266,7 +268,7 @@ class SFTJob(Job):
             kind=self.name,
             workers=chat.workers or len(os.sched_getaffinity(0)),
             is_main=is_main,
-            node_main=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+            node_main=node_main,  # the launcher's local rank: torchrun's or SLURM's
             barrier=dist.barrier,
         )
         keys = {name: data_identity(paths, encoder, self.name) for name, paths in sets.items()}
