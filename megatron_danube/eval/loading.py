@@ -113,8 +113,6 @@ def check_checkpoint(load: str, cfg: RunConfig, tokenizer: Optional[str] = None)
         cfg.parallel,
         spec=cfg.model.spec,
         device=cfg.train.device,
-        timeout_minutes=cfg.train.distributed_timeout_minutes,
-        rendezvous_timeout_s=cfg.train.rendezvous_timeout_s,
         seq_length=model.max_position_embeddings,
         fp8=cfg.precision.fp8,
     )
@@ -141,6 +139,8 @@ def load_checkpoint(checked: CheckedCheckpoint, cfg: RunConfig) -> LoadedModel:
         spec=cfg.model.spec,
         device=cfg.train.device,
         seq_length=checked.model.max_position_embeddings,
+        timeout_minutes=cfg.train.distributed_timeout_minutes,
+        rendezvous_timeout_s=cfg.train.rendezvous_timeout_s,
         checked=checked.layout,
     )
     _, chunks = build_model(

@@ -19,7 +19,13 @@ import time
 import pytest
 
 from tests.conftest import REPO, free_port, wait_for
-from tests.slurm.test_slurm_launcher import _bin, job_field, log_of, metric_lines, wait_done
+from tests.slurm.test_slurm_launcher import (
+    _bin,
+    job_field,
+    log_of,
+    metric_lines,
+    wait_done,
+)
 
 SCRIPT = os.path.join(REPO, "tests", "slurm", "two_nodes.sh")
 SUBNET = "10.213.78"  # not two_nodes.sh's default, so a cluster started by hand can coexist
@@ -134,20 +140,6 @@ def losses(run_dir):
         return {r["iteration"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def release(cluster, job):
-    """A requeued job is held back REQUEUE_HOLD_S (its BeginTime); start it now."""
-
-    def started():
-        subprocess.run(
-            [_bin("scontrol"), "update", f"JobId={job}", "StartTime=now"],
-            env=cluster["env"],
-            capture_output=True,
-        )
-        return job_field(cluster, job, "JobState") in ("RUNNING", "COMPLETED", "FAILED")
-
-    wait_for(started, 300, f"requeued job {job} to start", interval=2)
-
-
 def test_tp2_in_each_node_dp2_across_preempted_requeued_equals_one_node(cluster, corpus, tmp_path):
     """TP=2 inside a node, DP=2 across the nodes; USR1 to the batch script midway (what SLURM
     sends before the time limit): the ranks of both nodes save once, together, the script
@@ -163,7 +155,6 @@ def test_tp2_in_each_node_dp2_across_preempted_requeued_equals_one_node(cluster,
         [_bin("scancel"), "--signal=USR1", "--batch", job], env=cluster["env"], check=True
     )
     wait_for(lambda: job_field(cluster, job, "Restarts") == "1", 300, "the job to be requeued")
-    release(cluster, job)
     assert wait_done(cluster, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
 
     out = (tmp_path / f"two_nodes-slurm-{job}.out").read_text()
