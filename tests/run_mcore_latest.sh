@@ -2,10 +2,13 @@
 # The newest supported megatron-core line (0.19.x, which needs Python >= 3.12) on the CPU: the
 # fast tier, the layout-parity launch, the resume and checkpoint tests (the cross-version ones
 # against another interpreter's megatron-core: DANUBE_OTHER_PYTHON, else python3 and friends),
-# conversion both ways, and the README's demo with its export and comparison.
+# conversion both ways.
 # The virtual environment lives in .cache/py312 and is reused while it is a Python 3.12 one;
 # pip's own cache keeps a rebuild short. Arguments go to both pytest runs (e.g. -x).
+# DANUBE_LEG=install stops after installing, DANUBE_LEG=tests skips it (.ci/run installs while
+# the first leg's tests run).
 set -euo pipefail
+LEG="${DANUBE_LEG:-all}"
 cd "$(dirname "$0")/.."
 MCORE="${DANUBE_MCORE_LATEST:-megatron-core>=0.19.2,<0.20}"
 VENV=.cache/py312
@@ -38,6 +41,7 @@ find_python312() {
     fi
     return 1
 }
+if [[ "$LEG" != tests ]]; then
 if ! python312=$(find_python312); then
     echo "mcore-latest: no working python3.12 on PATH or in pyenv (megatron-core 0.17+ needs" \
         "Python >= 3.12); install Python 3.12 and put python3.12 on PATH" >&2
@@ -71,13 +75,17 @@ logging.info(
 )
 EOF
 
+fi
+[[ "$LEG" == install ]] && exit 0
+
 step "fast tier"
 "$PY" -m pytest -q -rs -m "not slow" "$@"
 
 step "parity, resume, checkpoints (both releases), conversion"
 # What the release can change: parity, exact resume, async and signal-time saves (megatron's
 # writer helpers), skipped steps, checkpoints across releases, conversion. The launcher's own
-# signal handling and the pipeline-layout resume (parity covers PP) run on python3 only.
+# signal handling, the pipeline-layout resume (parity covers PP) and the non-finite-step stops
+# (our own code around megatron's step) run on python3 only.
 RESUME=tests/training/test_pretrain_resume.py
 "$PY" -m pytest -q -rs -m slow "$@" \
     tests/parallel \
@@ -91,16 +99,9 @@ RESUME=tests/training/test_pretrain_resume.py
     --deselect "$RESUME::test_sigterm_in_the_first_second_is_honoured" \
     --deselect "$RESUME::test_checkpoint_on_sigterm_saves_exits_zero_and_resumes" \
     --deselect "$RESUME::test_rerunning_a_finished_run_says_so_and_records_nothing_twice" \
-    --deselect "$RESUME::test_checkpoint_killed_mid_save_leaves_previous_latest_loadable"
+    --deselect "$RESUME::test_checkpoint_killed_mid_save_leaves_previous_latest_loadable" \
+    --deselect "$RESUME::test_sigterm_to_the_launcher_saves[megatron_danube.cli.launch-0]" \
+    --deselect "$RESUME::test_checkpoint_after_nonfinite_losses_stops_the_run" \
+    --deselect "$RESUME::test_divergence_never_replaces_healthy_checkpoints"
 
-step "the README's demo (shortened), export and comparison"
-demo=$(mktemp -d)
-trap 'rm -rf "$demo"' EXIT
-# 60 steps instead of 300, still across the stage change; what differs under this release is
-# the path (build, save, export, compare), not how far the loss falls.
-"$VENV/bin/torchrun" --nproc-per-node 2 -m megatron_danube.pretrain \
-    --config examples/configs/danube-tiny-cpu.yaml run_dir="$demo/run" \
-    train.train_tokens=61440 stages.1.start_tokens=40960
-"$VENV/bin/danube-convert" --to hf --load "$demo/run" --save "$demo/hf"
-"$VENV/bin/danube-compare" --hf "$demo/hf" --mcore "$demo/run"
 step "done"

@@ -1,4 +1,6 @@
-"""`sbatch slurm/pretrain_1.8b.sh` against a real SLURM (slurmctld + slurmd + munge) on localhost.
+"""`sbatch slurm/pretrain_1.8b.sh` against a real SLURM (slurmctld + slurmd + munge) on localhost:
+a config error, a TERM mid-run then a resubmission, the time limit's USR1 then the requeue.
+Training to the end, across nodes, and `finetune_1.8b.sh`: `test_two_nodes.py`.
 
 .ci/run installs Debian's slurmctld, slurmd, slurm-client and munge; the daemons are started
 here with a generated slurm.conf and stopped by PID. Select with `pytest -k slurm`.
@@ -190,16 +192,6 @@ def corpus(tmp_path_factory):
     return ensure_demo_corpus(str(path), load_tokenizer("mistral-v1"))
 
 
-def test_slurm_sbatch_trains_and_saves(slurm, corpus, tmp_path):
-    run_dir = tmp_path / "run"
-    job = sbatch(slurm, run_dir, corpus)
-    assert wait_done(slurm, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
-    log = log_of(run_dir, job)
-    assert "DP=2" in log and "stopped at iteration 10" in log
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000010"
-    assert metric_lines(run_dir) >= 10
-
-
 def test_slurm_config_error_is_one_line_and_exit_2(slurm, corpus, tmp_path):
     """A bad config under sbatch: the job fails with exit code 2 and its log holds the error
     line once (rank 0's), no traceback."""
@@ -247,36 +239,3 @@ def test_slurm_time_limit_signal_saves_requeues_and_finishes(slurm, corpus, tmp_
     log = log_of(run_dir, job)
     assert "signal received" in log and "resumed from" in log
     assert "stopped at iteration 20 (20,480 tokens): finished" in log
-
-
-def test_slurm_finetune_script_runs_sft_and_derives_the_run_dir(slurm, tmp_path):
-    """slurm/finetune_1.8b.sh: the same launcher running danube-finetune; no RUN_DIR given,
-    so the script reads run_dir from the config and its overrides."""
-    import json
-
-    from megatron_danube.data.demo_chat import conversations
-    from tests.training.conftest import hf_model
-
-    train, _ = conversations()
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in train[:8]))
-    start = hf_model(tmp_path / "start", seed=0)
-    run_dir = tmp_path / "sft"
-    env = {k: v for k, v in slurm["env"].items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    env["CONFIG"] = "tests/training/tiny_sft.yaml"
-    out = subprocess.run(
-        [_bin("sbatch"), "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0"]
-        + ["--cpus-per-task=1", "--time=15", f"--output={run_dir}-slurm-%j.out"]
-        + [os.path.join(REPO, "slurm", "finetune_1.8b.sh"), f"run_dir={run_dir}"]
-        + [f"chat.train=[{data}]", f"checkpoint.load={start}", "chat.epochs=2"]
-        + ["optim.warmup_tokens=0"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    job = out.stdout.strip().split(";")[0]
-    assert wait_done(slurm, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
-    log = log_of(run_dir, job)
-    assert "sft plan" in log and "DP=2" in log and "finished" in log

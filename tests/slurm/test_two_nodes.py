@@ -107,8 +107,14 @@ def pretrain_overrides(corpus, steps, *more):
     ]
 
 
-def sbatch(cluster, script, run_dir, config, overrides):
-    env = dict(cluster["env"], CONFIG=config, RUN_DIR=str(run_dir))
+def sbatch(cluster, script, run_dir, config, overrides, run_dir_by="RUN_DIR"):
+    """Submit on both nodes; the run directory given as RUN_DIR, or (`run_dir_by="config"`)
+    as an override that the script reads back from the config."""
+    env = dict(cluster["env"], CONFIG=config)
+    if run_dir_by == "RUN_DIR":
+        env["RUN_DIR"] = str(run_dir)
+    else:
+        overrides = [f"run_dir={run_dir}", *overrides]
     out = subprocess.run(
         [_bin("sbatch"), "--parsable", "--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0"]
         + ["--cpus-per-task=1", "--time=15", f"--output={run_dir}-slurm-%j.out"]
@@ -231,7 +237,8 @@ def test_pp2_across_nodes_loses_a_node_and_resumes(cluster, corpus, tmp_path):
 
 def test_finetune_script_runs_sft_then_dpo_across_two_nodes(cluster, tmp_path):
     """slurm/finetune_1.8b.sh on both nodes: SFT from a Hugging Face start, then DPO from
-    the SFT run, each at TP=2 inside a node and DP=2 across the nodes."""
+    the SFT run, each at TP=2 inside a node and DP=2 across the nodes. No RUN_DIR: the script
+    reads run_dir from the config and its overrides."""
     from megatron_danube.data.demo_chat import conversations, preference_pairs
     from tests.training.conftest import hf_model
 
@@ -258,8 +265,9 @@ def test_finetune_script_runs_sft_then_dpo_across_two_nodes(cluster, tmp_path):
     ]
     for run_dir, config, overrides in runs:
         overrides = [*overrides, "parallel.tensor_parallel=2", "optim.warmup_tokens=0"]
-        job = sbatch(cluster, "finetune_1.8b.sh", run_dir, config, overrides)
+        job = sbatch(cluster, "finetune_1.8b.sh", run_dir, config, overrides, run_dir_by="config")
         assert wait_done(cluster, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
         log = log_of(run_dir, job)
+        assert f"{config.split('_')[1].split('.')[0]} plan" in log, log[-3000:]
         assert "DP=2" in log and "finished" in log, log[-3000:]
         assert losses(run_dir)
