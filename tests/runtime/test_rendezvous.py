@@ -21,7 +21,10 @@ def test_the_interface_is_the_one_that_routes_to_the_rendezvous():
 
 
 def test_gloo_interface_is_chosen_unless_the_user_chose(monkeypatch):
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    # set, then removed: so that monkeypatch restores the original state (a variable left
+    # behind would steer every later launch of this test session)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
     rendezvous.choose_gloo_interface("127.0.0.1", 29500)
     assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")

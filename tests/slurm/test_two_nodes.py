@@ -70,7 +70,8 @@ def cluster(tmp_path_factory):
         TWO_NODES_SLURMD_TIMEOUT=str(SLURMD_TIMEOUT_S),
         TWO_NODES_CRED_EXPIRE=str(REQUEUE_HOLD_S),
     )
-    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    launch_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    for var in (*launch_vars, "GLOO_SOCKET_IFNAME"):
         env.pop(var, None)  # sbatch exports the caller's environment to the job
 
     def script(*args):
