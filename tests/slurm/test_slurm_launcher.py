@@ -119,32 +119,25 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
                 p.kill()
 
 
-def sbatch(slurm, run_dir, corpus, *overrides, tokens=10240):
-    env = {
-        k: v
-        for k, v in slurm["env"].items()  # sbatch exports the caller's environment
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    }
-    env.update(CONFIG="examples/configs/danube-tiny-cpu.yaml", RUN_DIR=str(run_dir))
+def pretrain_overrides(corpus, tokens, *more):
+    """The tiny CPU demo config on `corpus`, `tokens` long, logging every step."""
+    return [
+        f"train.train_tokens={tokens}",
+        "optim.warmup_tokens=1024",
+        f"data.blend=[{corpus}]",
+        f"data.demo_corpus_prefix={corpus}",
+        "logging.log_interval=1",
+        "logging.eval_interval=0",
+        *more,
+    ]
+
+
+def submit(slurm, script, run_dir, arguments, env, nodes=1):
+    """`sbatch slurm/SCRIPT ARGUMENTS` with 2 CPU tasks per node; the job id."""
     out = subprocess.run(
-        [
-            _bin("sbatch"),
-            "--parsable",
-            "--nodes=1",
-            "--ntasks-per-node=2",
-            "--gpus-per-node=0",
-            "--cpus-per-task=1",
-            "--time=15",
-            f"--output={run_dir}-slurm-%j.out",
-            os.path.join(REPO, "slurm", "pretrain_1.8b.sh"),
-            f"train.train_tokens={tokens}",
-            "optim.warmup_tokens=1024",
-            f"data.blend=[{corpus}]",
-            f"data.demo_corpus_prefix={corpus}",
-            "logging.log_interval=1",
-            "logging.eval_interval=0",
-            *overrides,
-        ],
+        [_bin("sbatch"), "--parsable", f"--nodes={nodes}", "--ntasks-per-node=2"]
+        + ["--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+        + [f"--output={run_dir}-slurm-%j.out", os.path.join(REPO, "slurm", script), *arguments],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -152,6 +145,17 @@ def sbatch(slurm, run_dir, corpus, *overrides, tokens=10240):
         check=True,
     )
     return out.stdout.strip().split(";")[0]
+
+
+def sbatch(slurm, run_dir, corpus, *overrides, tokens=10240):
+    env = {
+        k: v
+        for k, v in slurm["env"].items()  # sbatch exports the caller's environment
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    env.update(CONFIG="examples/configs/danube-tiny-cpu.yaml", RUN_DIR=str(run_dir))
+    arguments = pretrain_overrides(corpus, tokens, *overrides)
+    return submit(slurm, "pretrain_1.8b.sh", run_dir, arguments, env)
 
 
 def job_field(slurm, job, field):
@@ -181,15 +185,6 @@ def log_of(run_dir, job):
 def metric_lines(run_dir):
     path = run_dir / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from megatron_danube.data.demo_corpus import ensure_demo_corpus
-    from megatron_danube.data.tokenizer import load_tokenizer
-
-    path = tmp_path_factory.mktemp("corpus") / "pydoc_text_document"
-    return ensure_demo_corpus(str(path), load_tokenizer("mistral-v1"))
 
 
 def test_slurm_config_error_is_one_line_and_exit_2(slurm, corpus, tmp_path):

@@ -24,6 +24,8 @@ from tests.slurm.test_slurm_launcher import (
     job_field,
     log_of,
     metric_lines,
+    pretrain_overrides,
+    submit,
     wait_done,
 )
 
@@ -87,27 +89,6 @@ def cluster(tmp_path_factory):
         script("down", str(root))
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from megatron_danube.data.demo_corpus import ensure_demo_corpus
-    from megatron_danube.data.tokenizer import load_tokenizer
-
-    path = tmp_path_factory.mktemp("corpus") / "pydoc_text_document"
-    return ensure_demo_corpus(str(path), load_tokenizer("mistral-v1"))
-
-
-def pretrain_overrides(corpus, steps, *more):
-    return [
-        f"train.train_tokens={steps * 1024}",
-        "optim.warmup_tokens=1024",
-        f"data.blend=[{corpus}]",
-        f"data.demo_corpus_prefix={corpus}",
-        "logging.log_interval=1",
-        "logging.eval_interval=0",
-        *more,
-    ]
-
-
 def sbatch(cluster, script, run_dir, config, overrides, run_dir_by="RUN_DIR"):
     """Submit on both nodes; the run directory given as RUN_DIR, or (`run_dir_by="config"`)
     as an override that the script reads back from the config."""
@@ -116,17 +97,7 @@ def sbatch(cluster, script, run_dir, config, overrides, run_dir_by="RUN_DIR"):
         env["RUN_DIR"] = str(run_dir)
     else:
         overrides = [f"run_dir={run_dir}", *overrides]
-    out = subprocess.run(
-        [_bin("sbatch"), "--parsable", "--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0"]
-        + ["--cpus-per-task=1", "--time=15", f"--output={run_dir}-slurm-%j.out"]
-        + [os.path.join(REPO, "slurm", script), *overrides],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip().split(";")[0]
+    return submit(cluster, script, run_dir, overrides, env, nodes=2)
 
 
 def one_node_run(run_dir, config, overrides):
@@ -152,7 +123,7 @@ def test_tp2_in_each_node_dp2_across_preempted_requeued_equals_one_node(cluster,
     sends before the time limit): the ranks of both nodes save once, together, the script
     requeues the job, and the requeued job resumes and ends with the one-node run's losses."""
     config = "examples/configs/danube-tiny-cpu.yaml"
-    overrides = pretrain_overrides(corpus, 16, "parallel.tensor_parallel=2")
+    overrides = pretrain_overrides(corpus, 16 * 1024, "parallel.tensor_parallel=2")
     reference = one_node_run(tmp_path / "one_node", config, overrides)
 
     run_dir = tmp_path / "two_nodes"
@@ -186,7 +157,7 @@ def test_pp2_across_nodes_loses_a_node_and_resumes(cluster, corpus, tmp_path):
     save_interval = 4
     overrides = pretrain_overrides(
         corpus,
-        24,
+        24 * 1024,
         "parallel.tensor_parallel=2",
         "parallel.pipeline_parallel=2",
         f"checkpoint.save_interval={save_interval}",
