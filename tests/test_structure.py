@@ -214,6 +214,24 @@ def test_no_function_over_100_lines():
     assert not long, long
 
 
+def test_the_package_build_ships_every_module():
+    """setuptools' package finder, on pyproject's own settings, finds every module's
+    package: a directory without `__init__.py` imports from a checkout (as a namespace
+    package) but is missing from a built wheel."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        found = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(find_packages(where=REPO, include=found["include"]))
+    missing = sorted(
+        {m.rsplit(".", 1)[0] for m, path in _modules() if not path.endswith("__init__.py")}
+        - shipped
+    )
+    assert not missing, f"packages without __init__.py (left out of a wheel): {missing}"
+
+
 def test_no_sys_path_edits():
     offenders = []
     for root, dirs, files in os.walk(REPO):

@@ -1,0 +1,1 @@
+"""Chat data: records, the chat template, encoding, packing and preference pairs."""
