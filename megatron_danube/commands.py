@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 from megatron_danube.errors import DanubeConfigError, DanubeRankError, missing_extra_message
 
@@ -43,6 +43,43 @@ def run_command(
         if message is None:
             raise
         return fail(prog, message)
+
+
+def run_as_process(main: Callable[[], Optional[int]]) -> NoReturn:
+    """A command's `__main__`: run `main` and end the process with its exit code (or its
+    `sys.exit`'s), through `exit_now`. An uncaught exception takes Python's usual way out, with
+    its traceback."""
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    if code is not None and not isinstance(code, int):
+        sys.stderr.write(f"{code}\n")  # what sys.exit("message") prints, with exit code 1
+        code = 1
+    exit_now(code or 0)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process once its work is done and closed: log handlers and stdio flushed, the
+    atexit functions run (multiprocessing stops its helper processes there), then `os._exit`.
+
+    What is skipped is the interpreter's teardown of every loaded module: after megatron-core's
+    imports (torch._dynamo, inductor, sympy) it takes over a second per process and writes
+    nothing. Where a non-daemon thread is still running, the process waits for it as usual."""
+    import atexit
+    import os
+    import threading
+
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # logging.shutdown is one of them
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to deliver
+            pass
+    os._exit(code)
 
 
 def cpu_only_process() -> None:

@@ -379,4 +379,6 @@ def print_table(rows: List[Row], meta: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_danube.commands import run_as_process
+
+    run_as_process(main)

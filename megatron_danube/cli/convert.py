@@ -104,4 +104,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_danube.commands import run_as_process
+
+    run_as_process(main)

@@ -4,7 +4,6 @@ python tools/inspect_dataset.py PREFIX [--tokenizer-model mistral-v1] [--show 3]
 """
 
 import argparse
-import sys
 
 from megatron_danube.cli.common import fail, report, summary
 
@@ -69,4 +68,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_danube.commands import run_as_process
+
+    run_as_process(main)

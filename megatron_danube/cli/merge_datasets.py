@@ -5,7 +5,6 @@ danube-merge-datasets --input A_text_document B_text_document \
 """
 
 import argparse
-import sys
 
 from megatron_danube.cli.common import fail, report, summary
 
@@ -49,4 +48,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_danube.commands import run_as_process
+
+    run_as_process(main)

@@ -221,4 +221,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_danube.commands import run_as_process
+
+    run_as_process(main)

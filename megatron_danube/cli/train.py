@@ -133,4 +133,6 @@ def main_exit() -> None:
 
 
 if __name__ == "__main__":
-    main_exit()
+    from megatron_danube.commands import run_as_process
+
+    run_as_process(main)

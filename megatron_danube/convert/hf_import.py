@@ -22,6 +22,7 @@ from megatron_danube.errors import DanubeConfigError
 from megatron_danube.models.config_builder import DTYPES
 from megatron_danube.training import manifest
 from megatron_danube.training.checkpoint_format import STATE_FILE
+from megatron_danube.training.checkpoint_writer import prepare_results_queue
 
 
 def read_hf_weights(hf_dir: str) -> Dict[str, torch.Tensor]:
@@ -83,6 +84,7 @@ def to_mcore(load: str, save: str, dtype: Optional[str] = None) -> str:
     model = build_local_model(model_cfg, DTYPES[dtype])
     load_full_weights([model], full)
     del full, weights
+    prepare_results_queue(async_saves=False)
     compat.save_checkpoint(model.sharded_state_dict(), save)
     tokenizer = None
     if any(os.path.isfile(os.path.join(load, f)) for f in ("tokenizer.json", "tokenizer.model")):

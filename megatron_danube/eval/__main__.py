@@ -3,4 +3,6 @@
 from megatron_danube.eval.command import main
 
 if __name__ == "__main__":
-    main()
+    from megatron_danube.commands import run_as_process
+
+    run_as_process(main)

@@ -41,7 +41,7 @@ from megatron_danube.training.checkpoint_format import (
     verify_checkpoint,
     weights_are_finite,
 )
-from megatron_danube.training.checkpoint_writer import start_writer_helpers_immune_to_signals
+from megatron_danube.training.checkpoint_writer import prepare_results_queue
 from megatron_danube.training.optimizer_state_repairs import (
     ensure_optimizer_state,
     load_optimizer_state,
@@ -108,7 +108,7 @@ class CheckpointManager:
             )
             return None
         self._check_disk_space(iteration)
-        start_writer_helpers_immune_to_signals()  # before megatron's writer first starts it
+        prepare_results_queue(async_saves=self._async_queue is not None)
         self.last_saved_iteration = iteration
         name = f"iter_{iteration:07d}"
         final, partial = os.path.join(self.dir, name), os.path.join(self.dir, name + ".partial")
