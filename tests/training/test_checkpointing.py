@@ -251,3 +251,23 @@ def test_a_failed_write_leaves_no_partial_and_keeps_latest(single_rank, tmp_path
     assert "\n" not in str(e.value) and "the previous checkpoint is intact" in str(e.value)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["iter_0000001", "latest"]
     assert manager.latest() == first
+
+
+def test_a_synchronous_save_starts_no_helper_process(single_rank, tmp_path):
+    """megatron's writer would spawn a helper process for its results queue (which imports
+    torch to unpickle them) at the first save; a synchronous save collects them in this
+    process."""
+    import queue
+
+    import psutil
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    chunks, opt = _build(0)
+    _step(chunks, opt, 0)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    manager = CheckpointManager(str(tmp_path), CheckpointSection())
+    manager.save(1, chunks, opt, {"iteration": 1, "consumed_tokens": 32})
+    started = {p.pid for p in psutil.Process().children(recursive=True)} - before
+    assert not started, [psutil.Process(pid).cmdline() for pid in started]
+    assert isinstance(filesystem_async._results_queue, queue.Queue)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
