@@ -62,6 +62,7 @@ def evaluate_command(args) -> int:
     from megatron_danube.errors import DanubeConfigError
     from megatron_danube.eval import tasks as task_checks
     from megatron_danube.eval.demo_tasks import write_demo_tasks
+    from megatron_danube.eval.loading import check_checkpoint
 
     task_checks.go_offline()  # before lm-eval imports `datasets`, which reads it once
     if args.demo_tasks and not args.load and not args.tasks:
@@ -75,19 +76,20 @@ def evaluate_command(args) -> int:
         raise DanubeConfigError(f"--limit {args.limit:g}; give a positive count or fraction")
     if args.batch_size < 1:
         raise DanubeConfigError(f"--batch-size {args.batch_size}; it must be >= 1")
+    # The checkpoint first: its check takes a moment, lm-eval's task index about 15 s.
+    checked = check_checkpoint(args.load, cfg, args.tokenizer)
     include = task_checks.with_demo_tasks(names, args.include_path, args.demo_tasks)
     manager = task_checks.task_manager(include)
     task_checks.load_tasks(names, manager)
-    return _run(args, cfg, names, manager)
+    return _run(args, cfg, names, manager, checked)
 
 
-def _run(args, cfg, names, manager) -> int:
+def _run(args, cfg, names, manager, checked) -> int:
     from megatron_danube.eval.lm import DanubeLM
-    from megatron_danube.eval.loading import check_checkpoint, load_checkpoint
+    from megatron_danube.eval.loading import load_checkpoint
     from megatron_danube.eval.results import evaluate, table, write_json
     from megatron_danube.runtime.distributed import shutdown
 
-    checked = check_checkpoint(args.load, cfg, args.tokenizer)
     loaded = load_checkpoint(checked, cfg)
     try:
         lm = DanubeLM.around(loaded, batch_size=args.batch_size, max_length=args.max_length)

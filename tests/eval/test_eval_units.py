@@ -82,21 +82,26 @@ def missing_data_tasks(tmp_path_factory):
     return folder
 
 
-@pytest.mark.slow  # lm-eval indexes its thousands of task files at each start (~15 s)
-@pytest.mark.parametrize(
-    "args, line",
-    [
-        (["--tasks", "danube_demo_mc", "--load", "/no/such/run"], "--load /no/such/run: no such"),
-        (["--tasks", "no_such_task", "--load", "x"], "unknown task 'no_such_task'"),
-        (["--tasks", "danube_test_gone", "--load", "x"], "task danube_test_gone: its data"),
-    ],
-)
-def test_bad_input_is_one_line(args, line, missing_data_tasks, tmp_path):
+def test_a_missing_checkpoint_is_one_line_before_the_task_index(tmp_path):
+    """Checked before lm-eval indexes its thousands of task files (about 15 s)."""
     from tests.launch import launch
 
-    args += ["--include-path", missing_data_tasks, "--demo-tasks", tmp_path / "demo"]
+    args = ["--tasks", "danube_demo_mc", "--load", "/no/such/run", "--demo-tasks", tmp_path]
     proc = launch("megatron_danube.eval", *args)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("danube-eval: error: "), err
-    assert line in err[0], err[0]
+    assert "--load /no/such/run: no such" in err[0], err[0]
+
+
+@pytest.mark.slow  # lm-eval indexes its thousands of task files (~15 s)
+def test_unknown_tasks_and_tasks_without_data_are_one_line(missing_data_tasks):
+    from megatron_danube.errors import DanubeConfigError
+    from megatron_danube.eval.tasks import load_tasks, task_manager
+
+    manager = task_manager([str(missing_data_tasks)])
+    cases = {"no_such_task": "unknown task 'no_such_task'", "danube_test_gone": "its data"}
+    for name, line in cases.items():
+        with pytest.raises(DanubeConfigError) as refused:
+            load_tasks([name], manager)
+        assert "\n" not in str(refused.value) and line in str(refused.value), refused.value

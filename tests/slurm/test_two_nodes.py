@@ -1,12 +1,13 @@
 """Two SLURM nodes for real: `two_nodes.sh` brings up slurmctld and two slurmd, each in its own
 network namespace with its own address (n1 = SUBNET.11, n2 = SUBNET.12), and the launchers in
-`slurm/` run across them at tiny scale on the CPU. Every run is compared with a one-node
-torchrun of the same four-rank layout, loss for loss.
+`slurm/` run across them at tiny scale on the CPU. The pretraining job is compared with a
+one-node torchrun of the same four-rank layout, loss for loss.
 
 What these runs cover: the rendezvous at n1's address (NodeAddr: n1 does not resolve by name
 here), gloo reaching the other node's address, ranks from SLURM_PROCID across nodes, the run
-directory shared by both, preemption's signal reaching the ranks of both nodes, a node lost
-mid-run (network cut first, then every process in it killed) and the requeued job resuming.
+directory shared by both, pipeline stages on two nodes (pretraining) and data-parallel replicas
+on two nodes (DPO), preemption's signal reaching the ranks of both nodes, a node lost mid-run
+(network cut first, then every process in it killed) and the requeued job resuming, twice.
 """
 
 import json
@@ -118,39 +119,18 @@ def losses(run_dir):
         return {r["iteration"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_tp2_in_each_node_dp2_across_preempted_requeued_equals_one_node(cluster, corpus, tmp_path):
-    """TP=2 inside a node, DP=2 across the nodes; USR1 to the batch script midway (what SLURM
-    sends before the time limit): the ranks of both nodes save once, together, the script
-    requeues the job, and the requeued job resumes and ends with the one-node run's losses."""
-    config = "examples/configs/danube-tiny-cpu.yaml"
-    overrides = pretrain_overrides(corpus, 16 * 1024, "parallel.tensor_parallel=2")
-    reference = one_node_run(tmp_path / "one_node", config, overrides)
+def test_pp2_across_nodes_preempted_then_a_node_lost_resumes_to_the_one_node_losses(
+    cluster, corpus, tmp_path
+):
+    """TP=2 inside a node, PP=2 across the nodes, one job through two interruptions:
 
-    run_dir = tmp_path / "two_nodes"
-    job = sbatch(cluster, "pretrain_1.8b.sh", run_dir, config, overrides)
-    wait_for(lambda: metric_lines(run_dir) >= 4, 300, "training to start")
-    subprocess.run(
-        [_bin("scancel"), "--signal=USR1", "--batch", job], env=cluster["env"], check=True
-    )
-    wait_for(lambda: job_field(cluster, job, "Restarts") == "1", 300, "the job to be requeued")
-    assert wait_done(cluster, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
-
-    out = (tmp_path / f"two_nodes-slurm-{job}.out").read_text()
-    assert f"2 node(s), 4 tasks, master {N1}:" in out, out  # n1's address, not its name
-    log = log_of(run_dir, job)
-    first, second = log.split("resumed from ", 1)
-    assert "signal received: saved at a step boundary (SIGUSR1 reached 4 of 4 rank(s))" in first
-    assert first.count("saved checkpoint") == 1, first[-3000:]  # once, by all ranks together
-    assert "DP=2" in log or "DP 2" in log
-    assert "finished" in second
-    assert losses(run_dir) == reference
-
-
-def test_pp2_across_nodes_loses_a_node_and_resumes(cluster, corpus, tmp_path):
-    """TP=2 inside a node, PP=2 across the nodes; n2 is lost mid-run (its network cut, then
-    all its processes killed). The ranks on n1 stop after the collective timeout with one
-    line, SLURM ends the job (NODE_FAIL) and requeues it, the last complete checkpoint is
-    intact, and once n2 is back the job resumes from it and ends with the one-node losses."""
+    1. USR1 to the batch script (what SLURM sends before the time limit): the ranks of both
+       nodes save once, together, and the script requeues the job;
+    2. once the requeued job has saved again, n2 is lost (its network cut, then all its
+       processes killed): the ranks on n1 stop after the collective timeout with one line,
+       SLURM ends the job (NODE_FAIL) and requeues it, the last complete checkpoint is intact;
+    3. n2 back, the job resumes from that checkpoint and ends with the one-node run's losses.
+    """
     from megatron_danube.training.checkpoint_format import verify_checkpoint
 
     config = "examples/configs/danube-tiny-cpu.yaml"
@@ -168,21 +148,26 @@ def test_pp2_across_nodes_loses_a_node_and_resumes(cluster, corpus, tmp_path):
     run_dir = tmp_path / "two_nodes"
     latest = run_dir / "checkpoints" / "latest"
     job = sbatch(cluster, "pretrain_1.8b.sh", run_dir, config, overrides)
-    wait_for(
-        lambda: latest.exists() and latest.read_text().strip() >= "iter_0000008",
-        300,
-        "two checkpoints",
+    wait_for(lambda: metric_lines(run_dir) >= 2, 300, "training to start")
+    subprocess.run(
+        [_bin("scancel"), "--signal=USR1", "--batch", job], env=cluster["env"], check=True
     )
-    wait_for(lambda: metric_lines(run_dir) >= 10, 300, "steps past the checkpoint")
+    wait_for(lambda: job_field(cluster, job, "Restarts") == "1", 300, "the job to be requeued")
+    preempted_at = latest.read_text().strip()
+
+    wait_for(
+        lambda: latest.read_text().strip() > preempted_at and metric_lines(run_dir) >= 13,
+        300,
+        "a checkpoint of the requeued job and steps past it",
+    )
     lost = cluster["sh"]("kill-node", str(cluster["root"]), "n2")
     died = time.time()
     assert lost.returncode == 0, lost.stderr
     trained = metric_lines(run_dir)
-
     log_path = run_dir / "logs" / f"train-{job}.log"
     wait_for(lambda: "another rank stopped answering" in log_path.read_text(), 300, "a timeout")
     ranks_stopped = time.time() - died
-    wait_for(lambda: job_field(cluster, job, "Restarts") == "1", 600, "SLURM to requeue the job")
+    wait_for(lambda: job_field(cluster, job, "Restarts") == "2", 600, "SLURM to requeue the job")
     job_ended = time.time() - died
     kept = latest.read_text().strip()
     assert verify_checkpoint(str(run_dir / "checkpoints" / kept)) is None
@@ -193,13 +178,22 @@ def test_pp2_across_nodes_loses_a_node_and_resumes(cluster, corpus, tmp_path):
     # forced sooner: requests still in flight for the lost run would reach the new one's tasks).
     cluster["sh"]("revive-node", str(cluster["root"]), "n2")
     assert wait_done(cluster, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
+
+    out = (tmp_path / f"two_nodes-slurm-{job}.out").read_text()
+    assert f"2 node(s), 4 tasks, master {N1}:" in out, out  # n1's address, not its name
     log = log_of(run_dir, job)
-    errors = [ln for ln in log.splitlines() if "another rank stopped answering" in ln]
+    assert "Traceback" not in log
+    preempted, lost_node, last = log.split("resumed from ")
+    assert "signal received: saved at a step boundary (SIGUSR1 reached 4 of 4 rank(s))" in (
+        preempted
+    )
+    assert preempted.count("saved checkpoint") == 1, preempted[-3000:]  # by all ranks at once
+    assert lost_node.startswith(f"{run_dir / 'checkpoints' / preempted_at} "), lost_node[:300]
+    errors = [ln for ln in lost_node.splitlines() if "another rank stopped answering" in ln]
     assert errors and all(
         f"train.distributed_timeout_minutes={COLLECTIVE_TIMEOUT_MIN:g}" in ln for ln in errors
     )
-    assert "Traceback" not in log
-    assert f"resumed from {run_dir / 'checkpoints' / kept} " in log
+    assert last.startswith(f"{run_dir / 'checkpoints' / kept} ") and "finished" in last
     assert losses(run_dir) == reference
     print(
         f"two nodes: ranks stopped {ranks_stopped:.0f} s and the job ended {job_ended:.0f} s "
@@ -207,39 +201,28 @@ def test_pp2_across_nodes_loses_a_node_and_resumes(cluster, corpus, tmp_path):
     )
 
 
-def test_finetune_script_runs_sft_then_dpo_across_two_nodes(cluster, tmp_path):
-    """slurm/finetune_1.8b.sh on both nodes: SFT from a Hugging Face start, then DPO from
-    the SFT run, each at TP=2 inside a node and DP=2 across the nodes. No RUN_DIR: the script
-    reads run_dir from the config and its overrides."""
-    from megatron_danube.data.demo_chat import conversations, preference_pairs
+def test_finetune_script_runs_dpo_across_two_nodes(cluster, tmp_path):
+    """slurm/finetune_1.8b.sh on both nodes: DPO from a Hugging Face start (its reference
+    log-probabilities computed before the first step) at TP=2 inside a node and DP=2 across
+    the nodes. No RUN_DIR: the script reads run_dir from the config and its overrides."""
+    from megatron_danube.data.demo_chat import preference_pairs
     from tests.training.conftest import hf_model
 
-    data = {"chat": conversations()[0][:8], "pairs": preference_pairs()[0][:6]}
-    for name, records in data.items():
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs()[0][:6]))
     start = hf_model(tmp_path / "start", seed=0)
-    sft, dpo = tmp_path / "sft", tmp_path / "dpo"
-    runs = [
-        (
-            sft,
-            "tests/training/tiny_sft.yaml",
-            [
-                f"chat.train=[{tmp_path / 'chat.jsonl'}]",
-                f"checkpoint.load={start}",
-                "chat.epochs=1",
-            ],
-        ),
-        (
-            dpo,
-            "tests/training/tiny_dpo.yaml",
-            [f"chat.train=[{tmp_path / 'pairs.jsonl'}]", f"checkpoint.load={sft}", "chat.epochs=1"],
-        ),
-    ]
-    for run_dir, config, overrides in runs:
-        overrides = [*overrides, "parallel.tensor_parallel=2", "optim.warmup_tokens=0"]
-        job = sbatch(cluster, "finetune_1.8b.sh", run_dir, config, overrides, run_dir_by="config")
-        assert wait_done(cluster, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
-        log = log_of(run_dir, job)
-        assert f"{config.split('_')[1].split('.')[0]} plan" in log, log[-3000:]
-        assert "DP=2" in log and "finished" in log, log[-3000:]
-        assert losses(run_dir)
+    run_dir = tmp_path / "dpo"
+    overrides = [f"chat.train=[{pairs}]", f"checkpoint.load={start}", "chat.epochs=1"]
+    overrides += ["parallel.tensor_parallel=2", "optim.warmup_tokens=0"]
+    job = sbatch(
+        cluster,
+        "finetune_1.8b.sh",
+        run_dir,
+        "tests/training/tiny_dpo.yaml",
+        overrides,
+        run_dir_by="config",
+    )
+    assert wait_done(cluster, job) == ("COMPLETED", "0:0"), log_of(run_dir, job)[-3000:]
+    log = log_of(run_dir, job)
+    assert "dpo plan" in log and "DP=2" in log and "finished" in log, log[-3000:]
+    assert losses(run_dir)
