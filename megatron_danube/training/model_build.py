@@ -45,6 +45,9 @@ def build_model(
     from megatron_danube.models.builder import build_model_chunks
     from megatron_danube.models.config_builder import build_transformer_config
 
+    if device.type == "meta":
+        # Shapes only: megatron would otherwise fill every weight on the CPU before the move.
+        overrides = {"perform_initialization": False, **(overrides or {})}
     config = build_transformer_config(
         model_cfg,
         layout,
