@@ -17,10 +17,13 @@ import pytest
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
-# The README trains 300 steps; here 40 (twice 20 on each side of the stage switch).
-SIZE_OVERRIDES = "train.train_tokens=40960 stages.1.start_tokens=20480 logging.eval_interval=20"
-# The chat demo trains SFT 20 epochs and DPO 2; here 2 and 1.
-CHAT_OVERRIDES = {"sft": "chat.epochs=2", "dpo": "chat.epochs=1"}
+# The README trains 300 steps; here 20 (10 on each side of the stage switch).
+SIZE_OVERRIDES = (
+    "train.train_tokens=20480 stages.1.start_tokens=10240 logging.eval_interval=10 "
+    "optim.warmup_tokens=2048"
+)
+# The chat demo trains SFT 20 epochs and DPO 2; here 1 each.
+CHAT_OVERRIDES = {job: "chat.epochs=1 optim.warmup_tokens=0" for job in ("sft", "dpo")}
 
 
 def readme_section(title: str) -> str:
