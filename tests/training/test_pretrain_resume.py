@@ -72,12 +72,13 @@ def test_resume_checkpoint_saved_at_tp2_continues_at_tp1(tp2_runs, tmp_path, cor
         assert abs(a[it] - b[it]) <= 1e-5 * abs(a[it]), (it, a[it], b[it])
 
 
-def test_resume_pp2_dp2_is_bitwise_identical(tmp_path, corpora):
+def test_resume_pp2_is_bitwise_identical(tmp_path, corpora):
+    """Two ranks, one pipeline; across nodes, with DP and TP too, in tests/slurm."""
     layout = ("parallel.pipeline_parallel=2",)
     full, split = tmp_path / "full", tmp_path / "split"
-    run_pretrain(full, corpora, *layout, nproc=4)
-    run_pretrain(split, corpora, *layout, "train.exit_after_steps=3", nproc=4)
-    run_pretrain(split, corpora, *layout, nproc=4)
+    run_pretrain(full, corpora, *layout)
+    run_pretrain(split, corpora, *layout, "train.exit_after_steps=3")
+    run_pretrain(split, corpora, *layout)
     assert train_losses(full) == train_losses(split)
 
 
