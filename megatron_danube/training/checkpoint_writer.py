@@ -20,15 +20,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def prepare_results_queue(async_saves: bool) -> None:
-    """Before megatron's writer first asks for its results queue: for `async_saves`, its
-    helper process, deaf to stop signals; else a queue of this process. Once per process (the
-    first call decides)."""
-    if async_saves:
-        start_writer_helpers_immune_to_signals()
-        return
+    """Before megatron's writer asks for its results queue: for `async_saves`, its helper
+    process, deaf to stop signals; else (unless the helper runs already) a queue of this
+    process."""
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
+        return
+    if async_saves:
+        if isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue):
+            # a synchronous save came first in this process: async ones need the helper
+            filesystem_async._results_queue = None
+        start_writer_helpers_immune_to_signals()
         return
     # The writer's own calls on it are put and get_nowait, which queue.Queue has.
     if getattr(filesystem_async, "_results_queue", False) is None:

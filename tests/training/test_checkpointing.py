@@ -271,3 +271,34 @@ def test_a_synchronous_save_starts_no_helper_process(single_rank, tmp_path):
     assert not started, [psutil.Process(pid).cmdline() for pid in started]
     assert isinstance(filesystem_async._results_queue, queue.Queue)
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+
+
+RESULTS_QUEUE_SWITCH = """
+import queue
+from megatron.core.dist_checkpointing.strategies import filesystem_async as fs
+from megatron_danube.training.checkpoint_writer import prepare_results_queue
+if __name__ == "__main__":
+    prepare_results_queue(async_saves=False)
+    assert isinstance(fs._results_queue, queue.Queue)
+    prepare_results_queue(async_saves=True)  # after a synchronous save: the helper now
+    helper = fs._results_queue
+    assert not isinstance(helper, queue.Queue), helper
+    helper.put(1)
+    assert helper.get() == 1
+    prepare_results_queue(async_saves=False)  # the helper, once running, stays
+    assert fs._results_queue is helper
+    print("ok")
+"""
+
+
+def test_async_saves_after_a_synchronous_one_get_the_helper(tmp_path):
+    """(In its own process: the queue is a module global of megatron's.)"""
+    import subprocess
+    import sys
+
+    script = tmp_path / "switch.py"
+    script.write_text(RESULTS_QUEUE_SWITCH)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
