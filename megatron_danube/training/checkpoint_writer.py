@@ -33,7 +33,8 @@ def prepare_results_queue(async_saves: bool) -> None:
             filesystem_async._results_queue = None
         start_writer_helpers_immune_to_signals()
         return
-    # The writer's own calls on it are put and get_nowait, which queue.Queue has.
+    # The writer's own calls on it are put and get_nowait, which queue.Queue has. A release
+    # without the global (getattr's False) keeps its own way.
     if getattr(filesystem_async, "_results_queue", False) is None:
         filesystem_async._results_queue = queue.Queue()
 
