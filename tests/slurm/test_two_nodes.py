@@ -37,7 +37,7 @@ N1 = f"{SUBNET}.11"
 # the ranks' own timeout is what ends them, and SLURM's NODE_FAIL then ends and requeues the job.
 SLURMD_TIMEOUT_S = 45
 COLLECTIVE_TIMEOUT_MIN = 0.5
-REQUEUE_HOLD_S = 10  # SLURM's cred_expire: a requeued job waits this long (120 s by default)
+REQUEUE_HOLD_S = 20  # SLURM's cred_expire: a requeued job waits this long (120 s by default)
 
 BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey", "ip", "nsenter")
 missing = [b for b in BINARIES if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
