@@ -58,6 +58,10 @@ def add_arguments(p) -> None:
 
 
 def evaluate_command(args) -> int:
+    from megatron_danube.eval.load_path import check_load_path
+
+    if args.load or not args.demo_tasks:
+        check_load_path(args.load)  # before the imports of megatron-core (seconds)
     from megatron_danube.config import load_config
     from megatron_danube.errors import DanubeConfigError
     from megatron_danube.eval import tasks as task_checks

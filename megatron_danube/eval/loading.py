@@ -18,6 +18,7 @@ import torch
 
 from megatron_danube.config import RunConfig
 from megatron_danube.errors import DanubeConfigError
+from megatron_danube.eval.load_path import check_load_path
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +75,7 @@ def check_checkpoint(load: str, cfg: RunConfig, tokenizer: Optional[str] = None)
     from megatron_danube.runtime.distributed import check_layout
     from megatron_danube.training.checkpoint_format import read_train_state, resolve_checkpoint
 
-    if not load:
-        raise DanubeConfigError("no checkpoint given; pass --load RUN_DIR_OR_CHECKPOINT")
-    if os.path.isfile(os.path.join(load, "config.json")) and not os.path.exists(
-        os.path.join(load, "train_state.json")
-    ):
-        raise DanubeConfigError(
-            f"--load {load} is a Hugging Face model directory; evaluate it with lm-eval's hf "
-            f"model, or convert it with danube-convert --to mcore"
-        )
+    check_load_path(load)
     path = resolve_checkpoint(load, "--load", verify=False)  # checksums: once loaded, shared
     state = read_train_state(path)
     lora = state.get("lora")
