@@ -362,3 +362,62 @@ def test_encoding_in_worker_processes_writes_the_same_cache_byte_for_byte(
     in_memory = encode_files([str(data)], enc, "train", kind=kind)
     assert np.array_equal(in_memory.tokens, samples.tokens)
     assert np.array_equal(in_memory.offsets, samples.offsets)
+
+
+def _random_conversations(count: int, seed: int):
+    """Conversations with awkward content: template syntax, tags of the template itself,
+    newlines, tabs, non-ASCII, empty turns, an unknown role now and then."""
+    rng = np.random.default_rng(seed)
+    pieces = ["Hi", " ", "\n", "\t", "{{ x }}", "{% if %}", "<|answer|>", "</s>", "é🙂", "a b", ""]
+    roles = ["system", "user", "assistant"]
+    for _ in range(count):
+        turns = []
+        for i in range(int(rng.integers(1, 8))):
+            role = roles[int(rng.integers(0, 3))] if i or rng.random() < 0.3 else "user"
+            if rng.random() < 0.02:
+                role = "tool"
+            content = "".join(pieces[int(k)] for k in rng.integers(0, len(pieces), 6))
+            turns.append({"role": role, "content": content})
+        yield turns
+
+
+def test_the_native_danube_renderer_writes_what_jinja_renders(tokenizer):
+    """Text and assistant spans of the one-pass renderer equal the Jinja render and its
+    prefix renders; an unknown role is refused with the template's own words."""
+    from megatron_danube.data.chat.template import TemplateError
+
+    encoder = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096)
+    checked = 0
+    for messages in _random_conversations(300, seed=5):
+        first = len(messages) // 2
+        try:
+            jinja_text = encoder.template.render(messages)
+        except TemplateError as exc:
+            with pytest.raises(TemplateError, match=str(exc)):
+                encoder.template.render_with_spans(messages, first)
+            continue
+        text, spans = encoder.template.render_with_spans(messages, first)
+        assert text == jinja_text
+        assert spans == encoder.assistant_spans(messages, text, first)
+        checked += 1
+    assert checked > 200
+
+
+def test_native_and_jinja_rendering_encode_to_the_same_arrays(tokenizer, monkeypatch):
+    from megatron_danube.data.chat.template import ChatTemplate
+
+    conversations = [
+        (m, len(m) // 3)
+        for m in _random_conversations(120, seed=6)
+        if all(t["role"] != "tool" for t in m)
+    ]
+    native = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096).encode_many(conversations)
+    monkeypatch.setattr(ChatTemplate, "render_with_spans", lambda self, messages, first=0: None)
+    jinja = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096).encode_many(conversations)
+    for a, b in zip(native, jinja):
+        if isinstance(a, SampleError):
+            assert str(a) == str(b)
+            continue
+        for name in ("tokens", "labels", "loss_mask"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert sum(not isinstance(a, SampleError) for a in native) > 50

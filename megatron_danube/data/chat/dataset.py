@@ -73,20 +73,33 @@ class RecordEncoder:
         self.encoder, self.kind = encoder, kind
 
     def process_batch(self, records: List[Tuple[str, object]]) -> list:
-        return [self.encode(where, record) for where, record in records]
+        # Checked records' conversations go to the tokenizer in one call; a record's samples
+        # are consecutive there (a pair's chosen, then its rejected).
+        checked, conversations = [], []
+        for where, record in records:
+            try:
+                if self.kind == "dpo":
+                    prompt, chosen, rejected = pair_of(record)
+                    parts = [(prompt + c, len(prompt)) for c in (chosen, rejected)]
+                else:
+                    parts = [(messages_of(record), 0)]
+            except SampleError as exc:
+                checked.append(("bad", where, str(exc)))
+                continue
+            checked.append(("parts", where, len(parts)))
+            conversations.extend(parts)
+        encoded = iter(self.encoder.encode_many(conversations))
+        return [
+            self._outcome(where, [next(encoded) for _ in range(n)]) if kind == "parts" else item
+            for item in checked
+            for kind, where, n in [item]
+        ]
 
-    def encode(self, where: str, record) -> tuple:
-        try:
-            if self.kind == "dpo":
-                prompt, chosen, rejected = pair_of(record)
-                samples = [
-                    self.encoder.encode(prompt + c, supervise_from=len(prompt))
-                    for c in (chosen, rejected)
-                ]
-            else:
-                samples = [self.encoder.encode(messages_of(record))]
-        except SampleError as exc:
-            return ("bad", where, str(exc))
+    @staticmethod
+    def _outcome(where: str, samples: list) -> tuple:
+        failed = next((s for s in samples if isinstance(s, SampleError)), None)
+        if failed is not None:
+            return ("bad", where, str(failed))
         truncated = sum(int(s.truncated) for s in samples)
         if min(s.supervised for s in samples) == 0:
             # e.g. left truncation cut every assistant token: nothing would be learned

@@ -127,18 +127,54 @@ class ChatEncoder:
         encoding = self.backend.encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
 
+    def locate(self, messages: List[dict], supervise_from: int = 0):
+        """(text, assistant spans): in one pass for a template rendered natively, else by
+        Jinja with prefix renders."""
+        try:
+            native = self.template.render_with_spans(messages, supervise_from)
+        except TemplateError as exc:
+            raise SampleError(f"chat template refused the conversation: {exc}") from None
+        if native is not None:
+            return native
+        text = self.render(messages)
+        return text, self.assistant_spans(messages, text, supervise_from)
+
     def encode(self, messages: List[dict], supervise_from: int = 0) -> EncodedSample:
         """`supervise_from`: only assistant turns at or after this message index are trained
         (a preference pair's completion, not the earlier turns of its prompt)."""
-        text = self.render(messages)
-        spans = self.assistant_spans(messages, text, supervise_from)
-        ids, offsets = self.encode_ids(text)
+        text, spans = self.locate(messages, supervise_from)
+        return self._masked(self.backend.encode(text, add_special_tokens=False), spans)
+
+    def encode_many(self, conversations: List[Tuple[List[dict], int]]) -> list:
+        """`encode` of each (messages, supervise_from), with one tokenizer call for them all;
+        a conversation that fails gives its SampleError in its place."""
+        located = []
+        for messages, supervise_from in conversations:
+            try:
+                located.append(self.locate(messages, supervise_from))
+            except SampleError as exc:
+                located.append(exc)
+        texts = [item[0] for item in located if not isinstance(item, SampleError)]
+        encodings = iter(self.backend.encode_batch(texts, add_special_tokens=False))
+        results = []
+        for item in located:
+            if isinstance(item, SampleError):
+                results.append(item)
+                continue
+            try:
+                results.append(self._masked(next(encodings), item[1]))
+            except SampleError as exc:
+                results.append(exc)
+        return results
+
+    def _masked(self, encoding, spans: List[Tuple[int, int]]) -> EncodedSample:
+        ids = encoding.ids
         if len(ids) < 2:
             raise SampleError("the conversation renders to fewer than 2 tokens")
         # A token is the assistant's when its characters overlap one of the spans (a piece
         # merged across the boundary of a span counts as the assistant's); an empty piece
         # (a == b) is when it sits inside one.
-        bounds = np.asarray(offsets, dtype=np.int64).reshape(len(ids), 2)
+        bounds = np.asarray(encoding.offsets, dtype=np.int64).reshape(len(ids), 2)
         a, b = bounds[:, 0], bounds[:, 1]
         written = np.zeros(len(ids), dtype=bool)
         for s, e in spans:

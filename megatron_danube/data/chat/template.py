@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from megatron_danube.errors import DanubeConfigError
 
@@ -28,6 +28,10 @@ DANUBE_TEMPLATE = (
 )
 
 TEMPLATES = {"danube": DANUBE_TEMPLATE}
+
+# What the Danube template writes before each role's content (its content and `eos_token`
+# follow); the native renderer below writes exactly what the Jinja template renders.
+DANUBE_ROLE_TAGS = {"system": "<|system|>", "user": "<|prompt|>", "assistant": "<|answer|>"}
 
 ROLES = ("system", "user", "assistant")
 
@@ -103,6 +107,31 @@ class ChatTemplate:
             raise
         except (JinjaError, TypeError, ValueError, KeyError, IndexError) as exc:
             raise TemplateError(f"{type(exc).__name__}: {exc}") from None
+
+    def render_with_spans(
+        self, messages: List[dict], first: int = 0
+    ) -> Optional[Tuple[str, List[Tuple[int, int]]]]:
+        """The conversation's text and the character range of what each assistant turn from
+        message `first` on wrote (its content and closing tokens), in one pass, for the
+        templates whose output this module writes natively (the built-in `danube`: no Jinja,
+        no prefix renders); None for any other template (render prefixes with Jinja)."""
+        eos = self.special_tokens.get("eos_token")
+        if self.source != DANUBE_TEMPLATE or eos is None:
+            return None
+        parts, spans, length = [], [], 0
+        for i, message in enumerate(messages):
+            role, content = message["role"], message["content"]
+            tag = DANUBE_ROLE_TAGS.get(role)
+            if tag is None:
+                raise TemplateError(f"unknown role {role}")
+            if not isinstance(content, str):
+                raise TemplateError(f"TypeError: content of a {role} message is not a string")
+            piece = tag + content + eos
+            if role == "assistant" and i >= first:
+                spans.append((length + len(tag), length + len(piece)))
+            parts.append(piece)
+            length += len(piece)
+        return "".join(parts), spans
 
     def check(self) -> None:
         """Render a probe conversation (a user turn and an answer, with and without the
