@@ -421,3 +421,57 @@ def test_native_and_jinja_rendering_encode_to_the_same_arrays(tokenizer, monkeyp
         for name in ("tokens", "labels", "loss_mask"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert sum(not isinstance(a, SampleError) for a in native) > 50
+
+
+def test_bisected_masks_equal_masks_from_every_offset(tokenizer):
+    """The bisection over a SentencePiece pipeline's offsets marks exactly the tokens the
+    overlap rule over all offsets marks: random spans over text with byte-fallback characters,
+    runs of spaces, newlines and the template's own tags."""
+    from megatron_danube.data.chat.encoder import written_by_offsets, written_by_search
+
+    encoder = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096)
+    assert encoder.ordered_offsets
+    rng = np.random.default_rng(7)
+    pieces = [" ", "  ", "\n", "a", "the", " word", "é", "🙂", "中文", "</s>", "<|answer|>", "\t"]
+    compared = 0
+    for _ in range(200):
+        text = "".join(pieces[int(k)] for k in rng.integers(0, len(pieces), 40))
+        encoding = encoder.backend.encode(text, add_special_tokens=False)
+        count = len(encoding.ids)
+        cuts = sorted(int(c) for c in rng.integers(0, len(text) + 1, 6))
+        spans = [(cuts[0], cuts[1]), (cuts[2], cuts[3]), (cuts[4], cuts[5])]
+        expected = written_by_offsets(encoding.offsets, count, spans)
+        np.testing.assert_array_equal(written_by_search(encoding, count, spans), expected)
+        compared += int(expected.any())
+    assert compared > 150
+
+
+class _Offsets:
+    """Token offsets as an encoding answers for them, one token at a time."""
+
+    def __init__(self, offsets):
+        self.offsets = offsets
+
+    def token_to_chars(self, token):
+        return self.offsets[token]
+
+
+def test_bisection_counts_empty_pieces_inside_a_span_as_written():
+    from megatron_danube.data.chat.encoder import written_by_offsets, written_by_search
+
+    rng = np.random.default_rng(8)
+    for _ in range(300):
+        # Starts and ends that never decrease, as a SentencePiece pipeline's: a piece may
+        # start where the previous one did (a prepended "▁" shares its character).
+        offsets, start, position = [], 0, 0
+        for _ in range(int(rng.integers(1, 30))):
+            width = int(rng.choice([0, 0, 1, 2, 3]))  # a third of the pieces empty
+            if not (width and rng.random() < 0.3):  # else it shares the previous one's start
+                start = position
+            offsets.append((start, max(position, start + width)))
+            position = offsets[-1][1]
+        cuts = sorted(int(c) for c in rng.integers(0, position + 2, 4))
+        spans = [(cuts[0], cuts[1]), (cuts[2], cuts[3])]
+        expected = written_by_offsets(offsets, len(offsets), spans)
+        got = written_by_search(_Offsets(offsets), len(offsets), spans)
+        np.testing.assert_array_equal(got, expected, err_msg=f"{offsets} {spans}")

@@ -16,14 +16,21 @@ import zipfile
 from collections import deque
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from megatron_danube.data.chat.encoder import ChatEncoder, EncodedSample, SampleError
+import numpy as np
+
+from megatron_danube.data.chat.encoder import ChatEncoder, SampleError
 from megatron_danube.data.chat.preference import pair_of
-from megatron_danube.data.chat.records import BadRecords, messages_of, read_records
+from megatron_danube.data.chat.records import (
+    BadRecords,
+    messages_of,
+    parse_line,
+    read_raw_records,
+)
 from megatron_danube.data.chat.samples import (
     ChatSamples,
     DamagedSamples,
+    SampleBatch,
     SampleWriter,
-    concatenate_samples,
 )
 from megatron_danube.errors import DanubeConfigError
 
@@ -65,19 +72,23 @@ def data_identity(paths: List[str], encoder: ChatEncoder, kind: str = "sft") -> 
 
 
 class RecordEncoder:
-    """A worker: records -> outcomes, each ("ok", samples, truncated), ("empty", truncated) for
-    one left with no supervised token, or ("bad", where, reason). `kind` sft: a conversation
-    is one sample; dpo: a preference pair is two (chosen, then rejected)."""
+    """A worker: a batch of records (a JSONL line's bytes, or a dataset row) -> one outcome per
+    record, each ("ok", samples, truncated) with its number of samples, ("empty", truncated)
+    for one left with no supervised token, or ("bad", where, reason); and the samples of the
+    "ok" ones in order, as one `SampleBatch`. `kind` sft: a conversation is one sample; dpo:
+    a preference pair is two (chosen, then rejected)."""
 
     def __init__(self, encoder: ChatEncoder, kind: str):
         self.encoder, self.kind = encoder, kind
 
-    def process_batch(self, records: List[Tuple[str, object]]) -> list:
+    def process_batch(self, records: List[Tuple[str, object]]) -> tuple:
         # Checked records' conversations go to the tokenizer in one call; a record's samples
         # are consecutive there (a pair's chosen, then its rejected).
         checked, conversations = [], []
         for where, record in records:
             try:
+                if isinstance(record, bytes):
+                    record = parse_line(record)
                 if self.kind == "dpo":
                     prompt, chosen, rejected = pair_of(record)
                     parts = [(prompt + c, len(prompt)) for c in (chosen, rejected)]
@@ -89,11 +100,16 @@ class RecordEncoder:
             checked.append(("parts", where, len(parts)))
             conversations.extend(parts)
         encoded = iter(self.encoder.encode_many(conversations))
-        return [
-            self._outcome(where, [next(encoded) for _ in range(n)]) if kind == "parts" else item
-            for item in checked
-            for kind, where, n in [item]
-        ]
+        outcomes, kept = [], []
+        for kind, where, n in checked:
+            outcome = (kind, where, n)
+            if kind == "parts":
+                samples = [next(encoded) for _ in range(n)]
+                outcome = self._outcome(where, samples)
+                if outcome[0] == "ok":
+                    kept.extend(samples)
+            outcomes.append(outcome)
+        return outcomes, SampleBatch.of(kept)
 
     @staticmethod
     def _outcome(where: str, samples: list) -> tuple:
@@ -104,7 +120,7 @@ class RecordEncoder:
         if min(s.supervised for s in samples) == 0:
             # e.g. left truncation cut every assistant token: nothing would be learned
             return ("empty", truncated)
-        return ("ok", samples, truncated)
+        return ("ok", len(samples), truncated)
 
 
 def encode_files(
@@ -125,7 +141,8 @@ def encode_files(
     bad = BadRecords()
     stats = {"records": 0, "bad_records": 0, "no_supervised_tokens": 0, "truncated": 0}
     sink = SampleWriter(directory) if directory else _InMemory()
-    records = ((f"{path}:{number}", record) for path, number, record in read_records(paths, bad))
+    # JSON is parsed in the workers: the reading process only splits lines.
+    records = ((f"{path}:{number}", raw) for path, number, raw in read_raw_records(paths))
     batches = _batches(records, RECORDS_PER_TASK)
     first = next(batches, [])
     worker = RecordEncoder(encoder, kind)
@@ -153,9 +170,6 @@ def encode_files(
         raise
     finally:
         pool.close()
-    # Lines that were not even JSON went to `bad` without becoming an outcome.
-    stats["records"] += bad.count - stats["bad_records"]
-    stats["bad_records"] = bad.count
     stats["bad_examples"] = bad.examples
     stored = len(sink)
     stats.update(
@@ -175,7 +189,8 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def _collect(outcomes: list, sink, stats: dict, bad: BadRecords, progress) -> None:
+def _collect(result: tuple, sink, stats: dict, bad: BadRecords, progress) -> None:
+    outcomes, samples = result
     for outcome in outcomes:
         stats["records"] += 1
         if outcome[0] == "bad":
@@ -185,9 +200,7 @@ def _collect(outcomes: list, sink, stats: dict, bad: BadRecords, progress) -> No
         stats["truncated"] += outcome[-1]
         if outcome[0] == "empty":
             stats["no_supervised_tokens"] += 1
-            continue
-        for sample in outcome[1]:
-            sink.add(sample)
+    sink.add_batch(samples)
     progress.update(stats["records"], int(sink.offsets[-1]))
 
 
@@ -195,20 +208,29 @@ class _InMemory:
     """`SampleWriter`'s interface, keeping the samples in memory."""
 
     def __init__(self):
-        self.parts: List[EncodedSample] = []
+        self.batches: List[SampleBatch] = []
         self.offsets = [0]
         self.supervised = 0
 
-    def add(self, sample: EncodedSample) -> None:
-        self.parts.append(sample)
-        self.offsets.append(self.offsets[-1] + len(sample))
-        self.supervised += sample.supervised
+    def add_batch(self, batch: SampleBatch) -> None:
+        self.batches.append(batch)
+        self.offsets.extend((self.offsets[-1] + np.cumsum(batch.lengths)).tolist())
+        self.supervised += int(batch.loss_mask.sum())
 
     def __len__(self) -> int:
-        return len(self.parts)
+        return len(self.offsets) - 1
 
     def finish(self, stats: dict) -> ChatSamples:
-        return concatenate_samples(self.parts, stats)
+        def cat(name):
+            return np.concatenate([getattr(b, name) for b in self.batches] or [np.zeros(0)])
+
+        return ChatSamples(
+            cat("tokens").astype(np.int32),
+            cat("labels").astype(np.int32),
+            cat("loss_mask").astype(np.uint8),
+            np.asarray(self.offsets, dtype=np.int64),
+            stats,
+        )
 
 
 class _Progress:

@@ -12,6 +12,7 @@ span falls in such a range), never by token value.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -91,6 +92,11 @@ class ChatEncoder:
         self.truncation = truncation
         self.eos_id = tokenizer.eod
         self.bos_id = getattr(tokenizer, "bos", None)
+        # The pipeline this package builds from a SentencePiece model (a normalizer that adds
+        # and replaces characters one for one, BPE with byte fallback) gives offsets that
+        # never decrease, so the tokens of a character range can be found by bisection; any
+        # other tokenizer's offsets are read whole.
+        self.ordered_offsets = tokenizer.kind == "sentencepiece"
 
     def identity(self) -> str:
         """What the encoding depends on besides the data (for cache keys)."""
@@ -171,14 +177,11 @@ class ChatEncoder:
         ids = encoding.ids
         if len(ids) < 2:
             raise SampleError("the conversation renders to fewer than 2 tokens")
-        # A token is the assistant's when its characters overlap one of the spans (a piece
-        # merged across the boundary of a span counts as the assistant's); an empty piece
-        # (a == b) is when it sits inside one.
-        bounds = np.asarray(encoding.offsets, dtype=np.int64).reshape(len(ids), 2)
-        a, b = bounds[:, 0], bounds[:, 1]
-        written = np.zeros(len(ids), dtype=bool)
-        for s, e in spans:
-            written |= ((a < e) & (b > s)) | ((a == b) & (s <= a) & (a < e))
+        written = None
+        if self.ordered_offsets:
+            written = written_by_search(encoding, len(ids), spans)
+        if written is None:
+            written = written_by_offsets(encoding.offsets, len(ids), spans)
         tokens = np.asarray(ids, dtype=np.int32)
         return self._shift_and_truncate(tokens, written)
 
@@ -200,6 +203,38 @@ class ChatEncoder:
             if self.truncation == "right":
                 loss_mask[-1] = 0  # its label was the first cut-off token
         return EncodedSample(tokens, labels, loss_mask, truncated)
+
+
+def written_by_offsets(offsets, count: int, spans: List[Tuple[int, int]]) -> np.ndarray:
+    """Which tokens an assistant wrote: a token is when its characters overlap one of the
+    spans (a piece merged across the boundary of a span counts as the assistant's); an empty
+    piece (a == b) is when it sits inside one."""
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(count, 2)
+    a, b = bounds[:, 0], bounds[:, 1]
+    written = np.zeros(count, dtype=bool)
+    for s, e in spans:
+        written |= ((a < e) & (b > s)) | ((a == b) & (s <= a) & (a < e))
+    return written
+
+
+def written_by_search(encoding, count: int, spans: List[Tuple[int, int]]) -> Optional[np.ndarray]:
+    """`written_by_offsets` for an encoding whose token offsets never decrease, reading only
+    the offsets of the tokens a bisection visits (reading them all costs more than the rest of
+    the masking); None where a token has no offsets."""
+    try:
+        written = np.zeros(count, dtype=bool)
+        tokens = range(count)
+        for s, e in spans:
+            # The tokens overlapping [s, e) are those that end after s and start before e.
+            first = bisect.bisect_right(tokens, s, key=lambda t: encoding.token_to_chars(t)[1])
+            end = bisect.bisect_left(tokens, e, key=lambda t: encoding.token_to_chars(t)[0])
+            # Empty pieces at s itself end at s: they sit inside the span too.
+            while s < e and first > 0 and encoding.token_to_chars(first - 1) == (s, s):
+                first -= 1
+            written[first:end] = True
+        return written
+    except TypeError:  # token_to_chars gave None: a token without offsets
+        return None
 
 
 def check_messages(messages, roles: Optional[Tuple[str, ...]] = None) -> List[dict]:

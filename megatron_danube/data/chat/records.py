@@ -156,25 +156,41 @@ class RowNumber(int):
 def read_records(paths: List[str], bad: BadRecords) -> Iterator[Tuple[str, int, object]]:
     """(input, line number or RowNumber, record) per record, streamed: a JSONL line (plain,
     .gz or .zst) or a saved dataset's row. Lines that are not JSON go to `bad`."""
+    for path, number, record in read_raw_records(paths):
+        if isinstance(record, bytes):
+            try:
+                record = parse_line(record)
+            except SampleError as exc:
+                bad.add(f"{path}:{number}", str(exc))
+                continue
+        yield path, number, record
+
+
+def read_raw_records(paths: List[str]) -> Iterator[Tuple[str, int, object]]:
+    """As `read_records`, but a JSONL line comes as its bytes, for `parse_line` where the
+    record is used (in an encoding worker, not in the process that reads)."""
     for path in paths:
         if os.path.isdir(path):
             yield from _read_saved_dataset(path)
         else:
-            yield from _read_jsonl_file(path, bad)
+            yield from _read_jsonl_lines(path)
 
 
-def _read_jsonl_file(path: str, bad: BadRecords) -> Iterator[Tuple[str, int, object]]:
+def parse_line(raw: bytes):
+    """A JSONL line's record; SampleError naming what is wrong with the line."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SampleError("invalid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise SampleError(f"malformed JSON ({exc.msg})") from None
+
+
+def _read_jsonl_lines(path: str) -> Iterator[Tuple[str, int, bytes]]:
     with open_binary(path) as f:
         for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                yield path, number, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                bad.add(where, "invalid UTF-8")
-            except json.JSONDecodeError as exc:
-                bad.add(where, f"malformed JSON ({exc.msg})")
+            if raw.strip():
+                yield path, number, raw
 
 
 def _read_saved_dataset(path: str) -> Iterator[Tuple[str, RowNumber, dict]]:

@@ -94,6 +94,31 @@ class ChatSamples:
         return cls(arrays["tokens"], arrays["labels"], arrays["loss_mask"], offsets, stats)
 
 
+@dataclass
+class SampleBatch:
+    """Consecutive samples as one array each (what a worker sends back for a batch)."""
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    loss_mask: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def of(cls, samples: List[EncodedSample]) -> SampleBatch:
+        def cat(name, dtype):
+            arrays = [getattr(s, name) for s in samples]
+            return (
+                np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+            )
+
+        return cls(
+            cat("tokens", np.int32),
+            cat("labels", np.int32),
+            cat("loss_mask", np.uint8),
+            np.asarray([len(s) for s in samples], dtype=np.int64),
+        )
+
+
 class SampleWriter:
     """Appends samples to a new sample directory: written under a temporary name and renamed
     by `finish`, so a reader never sees a half-written set."""
@@ -107,13 +132,17 @@ class SampleWriter:
         self.offsets: List[int] = [0]
         self.supervised = 0
 
-    def add(self, sample: EncodedSample) -> None:
-        self.add_arrays(sample.tokens, sample.labels, sample.loss_mask)
+    def add_batch(self, batch: SampleBatch) -> None:
+        self.add_arrays(batch.tokens, batch.labels, batch.loss_mask, batch.lengths)
 
-    def add_arrays(self, tokens, labels, loss_mask) -> None:
+    def add_arrays(self, tokens, labels, loss_mask, lengths=None) -> None:
+        """One sample, or with `lengths` consecutive samples of those lengths."""
         for (name, dtype), values in zip(ARRAYS, (tokens, labels, loss_mask)):
             self.files[name].write(np.ascontiguousarray(values, dtype=dtype).tobytes())
-        self.offsets.append(self.offsets[-1] + len(tokens))
+        if lengths is None:
+            self.offsets.append(self.offsets[-1] + len(tokens))
+        else:
+            self.offsets.extend((self.offsets[-1] + np.cumsum(lengths)).tolist())
         self.supervised += int(np.asarray(loss_mask).sum())
 
     def __len__(self) -> int:
@@ -135,17 +164,3 @@ class SampleWriter:
         for f in self.files.values():
             f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def concatenate_samples(parts: List[EncodedSample], stats: dict) -> ChatSamples:
-    """In-memory samples (no directory), for small sets built on the fly."""
-    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(p) for p in parts])
-
-    def cat(name, dtype):
-        arrays = [getattr(p, name) for p in parts]
-        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype=dtype)
-
-    return ChatSamples(
-        cat("tokens", np.int32), cat("labels", np.int32), cat("loss_mask", np.uint8), offsets, stats
-    )
