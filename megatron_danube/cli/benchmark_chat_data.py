@@ -4,9 +4,10 @@ Builds N conversations shaped like the Danube chat recipe's data (lognormal leng
 about 720 tokens, 1 to 6 turns, a third with a system prompt), their text runs of real words
 from Python's bundled pydoc topics, generated deterministically from --seed. Then, in one run:
 
-  encode   `encode_files` (read, render the Danube template, tokenize, mask): conversations/s,
-           tokens/s, peak resident memory; the packing fill at 2,048, 4,096 and 16,384 tokens
-           for best-fit decreasing and greedy packing (the packs a training run would make);
+  encode   `encode_files` (read, render the Danube template, tokenize, mask, write the cache
+           folder a training run writes): conversations/s, tokens/s, peak resident memory;
+           the packing fill at 2,048, 4,096 and 16,384 tokens for best-fit decreasing and
+           greedy packing (the packs a training run would make);
   cache    the resident memory a process gains by loading the written cache
            (`ChatSamples.load`) and reading one sample, measured in a fresh process;
   TRL      what TRL's SFTTrainer does to the same file before training (`Dataset.from_json`,
@@ -124,17 +125,18 @@ def write_conversations(path: str, count: int, words: List[str], per_word: float
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
-def encode(path: str, encoder, workers: int):
-    """(samples, seconds, processes used) of this package's encoding."""
+def encode(path: str, encoder, workers: int, cache: str):
+    """(samples, seconds, processes used) of this package's encoding, written to the cache
+    folder `cache` as a training run writes it (where this encode_files can)."""
     from megatron_danube.data.chat.dataset import encode_files
 
-    takes_workers = "workers" in inspect.signature(encode_files).parameters
+    takes = inspect.signature(encode_files).parameters
+    options = {"workers": workers} if "workers" in takes else {}
+    if "directory" in takes:
+        options["directory"] = cache
     started = time.perf_counter()
-    if takes_workers:
-        samples = encode_files([path], encoder, "chat.train", workers=workers)
-    else:
-        samples = encode_files([path], encoder, "chat.train")
-    return samples, time.perf_counter() - started, workers if takes_workers else 1
+    samples = encode_files([path], encoder, "chat.train", **options)
+    return samples, time.perf_counter() - started, workers if "workers" in takes else 1
 
 
 def packing_fills(lengths: np.ndarray, seed: int) -> Dict[str, Dict[str, float]]:
@@ -151,10 +153,11 @@ def packing_fills(lengths: np.ndarray, seed: int) -> Dict[str, Dict[str, float]]
     return fills
 
 
-def cache_resident_bytes(samples, folder: str) -> int:
-    """Resident memory a fresh process gains loading the cache and reading one sample."""
-    path = os.path.join(folder, "sft-benchmark-cache")  # a file or a folder, as the cache is
-    samples.save(path)
+def cache_resident_bytes(samples, path: str) -> int:
+    """Resident memory a fresh process gains loading the cache at `path` (written there by
+    the encoding, or now) and reading one sample."""
+    if not os.path.exists(path):
+        samples.save(path)
     out = subprocess.run(
         [sys.executable, "-c", CACHE_PROBE, path],
         capture_output=True,
@@ -237,7 +240,8 @@ def measure(args: argparse.Namespace, folder: str) -> dict:
     logger.info("wrote %s conversations (%.0f MB)", f"{args.conversations:,}", _mb(path))
 
     encoder = ChatEncoder(tokenizer, DANUBE_TEMPLATE, max(PACK_LENGTHS))
-    samples, encode_s, processes = encode(path, encoder, args.workers)
+    cache = os.path.join(folder, "sft-benchmark-cache")
+    samples, encode_s, processes = encode(path, encoder, args.workers, cache)
     lengths = samples.lengths
     started = time.perf_counter()
     bfd_packs(np.minimum(lengths, TRL_PACK_LENGTH), TRL_PACK_LENGTH)
@@ -249,7 +253,7 @@ def measure(args: argparse.Namespace, folder: str) -> dict:
         "encoded %s samples, %s tokens in %.1f s", f"{len(samples):,}", f"{tokens:,}", encode_s
     )
     fills = packing_fills(lengths, args.seed)
-    cache_rss = cache_resident_bytes(samples, folder)
+    cache_rss = cache_resident_bytes(samples, cache)
     del samples
     trl = trl_prepare(path, tokenizer, args.workers, folder)
     ours_s = encode_s + pack_s
