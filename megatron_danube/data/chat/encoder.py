@@ -7,8 +7,8 @@ piece can merge across a turn boundary, and SentencePiece's dummy prefix would b
 every chunk). Which tokens an assistant wrote is found by rendering prefixes of the
 conversation: the text up to the generation prompt before an assistant turn, and up to the end
 of that turn (its closing `</s>` included); the built-in template gives those bounds in the
-same pass as the text (`ChatTemplate.render_with_spans`). Tokens are supervised by *position* (their character
-span falls in such a range), never by token value.
+same pass as the text (`ChatTemplate.render_with_spans`). Tokens are supervised by *position*
+(their character span falls in such a range), never by token value.
 """
 
 from __future__ import annotations
