@@ -30,7 +30,9 @@ pytestmark = [
 
 
 # SLURM holds a requeued job back this long (cred_expire; 120 s by default) so that requests
-# still in flight for its previous run reach no task of the next.
+# still in flight for its previous run reach no task of the next. The scheduler looks every 2 s
+# (bf_interval, sched_interval below; SLURM's default: every 30 s), so a requeued job starts
+# when its hold ends rather than at the next pass.
 REQUEUE_HOLD_S = 10
 
 
@@ -74,6 +76,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2,sched_interval=2
 MpiDefault=none
 ReturnToService=2
 MinJobAge=3600

@@ -13,6 +13,7 @@ on two nodes (DPO), preemption's signal reaching the ranks of both nodes, a node
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -101,16 +102,46 @@ def sbatch(cluster, script, run_dir, config, overrides, run_dir_by="RUN_DIR"):
     return submit(cluster, script, run_dir, overrides, env, nodes=2)
 
 
-def one_node_run(run_dir, config, overrides):
-    """The same four ranks under torchrun on one host: the reference."""
+@pytest.fixture
+def started():
+    """Processes a test starts in the background; those still running at its end are killed
+    (their whole process group: torchrun and its ranks)."""
+    procs = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def start_one_node_run(run_dir, config, overrides, started):
+    """The same four ranks under torchrun on one host, the reference, started in the background
+    (its output to a file, so a full pipe never stalls it); `one_node_losses` waits for it."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4"]
     cmd += [f"--master-port={free_port()}", "-m", "megatron_danube.pretrain"]
     cmd += ["--config", os.path.join(REPO, config), f"run_dir={run_dir}", *overrides]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=dict(env, PYTHONPATH=REPO), capture_output=True, text=True, timeout=900
+    output = open(f"{run_dir}.out", "w")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=dict(env, PYTHONPATH=REPO),
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    started.append(proc)
+    return proc, output
+
+
+def one_node_losses(run_dir, reference):
+    """The reference's losses, once it has finished."""
+    proc, output = reference
+    try:
+        returncode = proc.wait(timeout=900)
+    finally:
+        output.close()
+    assert returncode == 0, open(f"{run_dir}.out").read()[-4000:]
     return losses(run_dir)
 
 
@@ -120,7 +151,7 @@ def losses(run_dir):
 
 
 def test_pp2_across_nodes_preempted_then_a_node_lost_resumes_to_the_one_node_losses(
-    cluster, corpus, tmp_path
+    cluster, corpus, tmp_path, started
 ):
     """TP=2 inside a node, PP=2 across the nodes, one job through two interruptions:
 
@@ -143,7 +174,6 @@ def test_pp2_across_nodes_preempted_then_a_node_lost_resumes_to_the_one_node_los
         f"checkpoint.save_interval={save_interval}",
         f"train.distributed_timeout_minutes={COLLECTIVE_TIMEOUT_MIN}",
     )
-    reference = one_node_run(tmp_path / "one_node", config, overrides)
 
     run_dir = tmp_path / "two_nodes"
     latest = run_dir / "checkpoints" / "latest"
@@ -163,6 +193,9 @@ def test_pp2_across_nodes_preempted_then_a_node_lost_resumes_to_the_one_node_los
     lost = cluster["sh"]("kill-node", str(cluster["root"]), "n2")
     died = time.time()
     assert lost.returncode == 0, lost.stderr
+    # The reference trains while n1's ranks wait out their timeout and SLURM its own: the
+    # cluster's processes are idle then, so the CPU is free (half a minute saved).
+    reference = start_one_node_run(tmp_path / "one_node", config, overrides, started)
     trained = metric_lines(run_dir)
     log_path = run_dir / "logs" / f"train-{job}.log"
     wait_for(lambda: "another rank stopped answering" in log_path.read_text(), 300, "a timeout")
@@ -194,7 +227,7 @@ def test_pp2_across_nodes_preempted_then_a_node_lost_resumes_to_the_one_node_los
         f"train.distributed_timeout_minutes={COLLECTIVE_TIMEOUT_MIN:g}" in ln for ln in errors
     )
     assert last.startswith(f"{run_dir / 'checkpoints' / kept} ") and "finished" in last
-    assert losses(run_dir) == reference
+    assert losses(run_dir) == one_node_losses(tmp_path / "one_node", reference)
     print(
         f"two nodes: ranks stopped {ranks_stopped:.0f} s and the job ended {job_ended:.0f} s "
         f"after the node's loss; {steps_lost} step(s) redone"

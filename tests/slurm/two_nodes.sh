@@ -20,7 +20,10 @@
 # TWO_NODES_SLURMD_TIMEOUT (default 300, SLURM's: how long a silent node stays up in SLURM's
 # view before its jobs end with NODE_FAIL) and TWO_NODES_CRED_EXPIRE (default 120, SLURM's:
 # how long a requeued job waits before it starts again, so that requests still in flight for
-# the job's previous run reach no task of the next).
+# the job's previous run reach no task of the next). The scheduler looks every 2 s (SLURM's
+# default: every 30 s), so a requeued job starts when its hold ends, not up to 30 s later; and
+# after a node's loss the job ends 5 s after SLURM signals what is left of it (KillWait; 30 s
+# by default), since the lost node's tasks never answer.
 set -euo pipefail
 
 action=${1:-}
@@ -106,6 +109,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2,sched_interval=2
+KillWait=5
 MpiDefault=none
 ReturnToService=2
 MinJobAge=3600
