@@ -79,7 +79,10 @@ fi
 [[ "$LEG" == install ]] && exit 0
 
 step "fast tier"
-"$PY" -m pytest -q -rs -m "not slow" "$@"
+# Not the FlexAttention kernel compiled for the CPU (20 s): torch's own code, and the same torch
+# release as the first leg's.
+"$PY" -m pytest -q -rs -m "not slow" "$@" \
+    --deselect tests/models/test_local_layers.py::test_flex_attention_path_matches_naive_reference_on_cpu
 
 step "parity, resume, checkpoints (both releases), conversion"
 # What the release can change: parity, exact resume, async and signal-time saves (megatron's

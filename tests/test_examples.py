@@ -1,4 +1,5 @@
-"""Every example, run at tiny scale on the CPU."""
+"""Every example, run at tiny scale on the CPU. The README's demo config
+(`danube-tiny-cpu.yaml`) runs in `tests/test_readme_flow.py`, as the README's own command."""
 
 import os
 import subprocess
@@ -78,22 +79,6 @@ def test_example_danube2_config_at_tiny_scale(tmp_path, corpus):
         "stages.2.blend=null",
     )
     assert len(train_losses(run_dir)) == 2
-
-
-def test_example_tiny_cpu_demo_config_is_the_readme_default(tmp_path, corpus):
-    """The README's first command, shortened to 8 steps (the full run is the demo itself)."""
-    run_dir = tmp_path / "demo"
-    run_pretrain(
-        run_dir,
-        [corpus, corpus],
-        f"data.blend=[{corpus}]",
-        f"data.demo_corpus_prefix={corpus}",
-        "train.train_tokens=8192",
-        "optim.warmup_tokens=1024",
-        "logging.log_interval=1",
-        config="examples/configs/danube-tiny-cpu.yaml",
-    )
-    assert len(train_losses(run_dir)) == 8
 
 
 def test_examples_continue_from_hf_then_convert_to_hf(tmp_path, corpus):
