@@ -475,3 +475,58 @@ def test_bisection_counts_empty_pieces_inside_a_span_as_written():
         expected = written_by_offsets(offsets, len(offsets), spans)
         got = written_by_search(_Offsets(offsets), len(offsets), spans)
         np.testing.assert_array_equal(got, expected, err_msg=f"{offsets} {spans}")
+
+
+def _awkward_texts(count: int, seed: int):
+    """Texts of byte-fallback characters (4- and 3-byte ones), runs of spaces, leading spaces,
+    added tokens written out, a literal `▁` and what looks like a byte piece."""
+    rng = np.random.default_rng(seed)
+    pieces = ["a", "the", " ", "  ", "\n", "\t", "é", "中", "🙂", "𝔘", "ꙮ", "</s>", "<s>"]
+    pieces += ["<unk>", "\u2581", "<0x0A>", "<|answer|>", " word"]
+    for _ in range(count):
+        yield "".join(pieces[int(k)] for k in rng.integers(0, len(pieces), rng.integers(1, 40)))
+
+
+def test_offsets_computed_from_ids_equal_the_tokenizers(tokenizer):
+    from megatron_danube.data.chat.piece_offsets import PieceOffsets
+
+    encoder = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096)
+    assert encoder.piece_offsets is not None
+    for text in _awkward_texts(3000, seed=9):
+        encoding = encoder.backend.encode(text, add_special_tokens=False)
+        starts, ends = encoder.piece_offsets.of(encoding.ids, len(text))
+        expected = np.asarray(encoding.offsets).reshape(-1, 2)
+        np.testing.assert_array_equal(starts, expected[:, 0], err_msg=repr(text))
+        np.testing.assert_array_equal(ends, expected[:, 1], err_msg=repr(text))
+        # offsets that do not add up to the text are never used
+        assert encoder.piece_offsets.of(encoding.ids, len(text) + 1) is None
+    # a pipeline it does not model (here: one with a pre-tokenizer) is left to the tokenizer
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    other = Tokenizer.from_str(encoder.backend.to_str())  # a copy: the backend is shared
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert PieceOffsets.for_backend(other) is None
+
+
+def test_masks_from_computed_offsets_equal_masks_from_the_tokenizers(tokenizer, monkeypatch):
+    conversations = [
+        (m, len(m) // 3)
+        for m in _random_conversations(150, seed=10)
+        if all(t["role"] != "tool" for t in m)
+    ]
+    for messages, _ in conversations[:40]:
+        for message in messages:
+            message["content"] += next(_awkward_texts(1, seed=len(message["content"])))
+    computed = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096)
+    assert computed.piece_offsets is not None
+    read = ChatEncoder(tokenizer, DANUBE_TEMPLATE, 4096)
+    read.piece_offsets = None
+    compared = 0
+    for a, b in zip(computed.encode_many(conversations), read.encode_many(conversations)):
+        if isinstance(a, SampleError):
+            assert str(a) == str(b)
+            continue
+        for name in ("tokens", "labels", "loss_mask"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        compared += int(a.loss_mask.any())
+    assert compared > 50

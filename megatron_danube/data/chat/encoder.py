@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from megatron_danube.data.chat.piece_offsets import PieceOffsets
 from megatron_danube.data.chat.template import ChatTemplate, TemplateError
 from megatron_danube.errors import DanubeConfigError
 
@@ -98,6 +99,11 @@ class ChatEncoder:
         # never decrease, so the tokens of a character range can be found by bisection; any
         # other tokenizer's offsets are read whole.
         self.ordered_offsets = tokenizer.kind == "sentencepiece"
+        # That pipeline's offsets follow from the ids alone: the tokenizer is then asked for
+        # ids only, which is faster (see piece_offsets).
+        self.piece_offsets = PieceOffsets.for_backend(self.backend)
+        if not hasattr(self.backend, "encode_batch_fast"):  # tokenizers < 0.21
+            self.piece_offsets = None
 
     def identity(self) -> str:
         """What the encoding depends on besides the data (for cache keys)."""
@@ -162,17 +168,36 @@ class ChatEncoder:
             except SampleError as exc:
                 located.append(exc)
         texts = [item[0] for item in located if not isinstance(item, SampleError)]
-        encodings = iter(self.backend.encode_batch(texts, add_special_tokens=False))
+        if self.piece_offsets is not None:
+            encodings = iter(self.backend.encode_batch_fast(texts, add_special_tokens=False))
+        else:
+            encodings = iter(self.backend.encode_batch(texts, add_special_tokens=False))
         results = []
         for item in located:
             if isinstance(item, SampleError):
                 results.append(item)
                 continue
             try:
-                results.append(self._masked(next(encodings), item[1]))
+                text, spans = item
+                encoding = next(encodings)
+                if self.piece_offsets is not None:
+                    results.append(self._masked_from_ids(encoding.ids, text, spans))
+                else:
+                    results.append(self._masked(encoding, spans))
             except SampleError as exc:
                 results.append(exc)
         return results
+
+    def _masked_from_ids(self, ids: List[int], text: str, spans) -> EncodedSample:
+        """`_masked` with the offsets computed from the ids; where they cannot be (a piece
+        of unknown length), the tokenizer's own offsets."""
+        bounds = self.piece_offsets.of(ids, len(text))
+        if bounds is None:
+            return self._masked(self.backend.encode(text, add_special_tokens=False), spans)
+        if len(ids) < 2:
+            raise SampleError("the conversation renders to fewer than 2 tokens")
+        written = written_by_bounds(*bounds, spans)
+        return self._shift_and_truncate(np.asarray(ids, dtype=np.int32), written)
 
     def _masked(self, encoding, spans: List[Tuple[int, int]]) -> EncodedSample:
         ids = encoding.ids
@@ -211,8 +236,12 @@ def written_by_offsets(offsets, count: int, spans: List[Tuple[int, int]]) -> np.
     spans (a piece merged across the boundary of a span counts as the assistant's); an empty
     piece (a == b) is when it sits inside one."""
     bounds = np.asarray(offsets, dtype=np.int64).reshape(count, 2)
-    a, b = bounds[:, 0], bounds[:, 1]
-    written = np.zeros(count, dtype=bool)
+    return written_by_bounds(bounds[:, 0], bounds[:, 1], spans)
+
+
+def written_by_bounds(a: np.ndarray, b: np.ndarray, spans: List[Tuple[int, int]]) -> np.ndarray:
+    """`written_by_offsets` of tokens starting at `a` and ending at `b`."""
+    written = np.zeros(len(a), dtype=bool)
     for s, e in spans:
         written |= ((a < e) & (b > s)) | ((a == b) & (s <= a) & (a < e))
     return written
