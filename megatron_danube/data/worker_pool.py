@@ -37,6 +37,15 @@ def serve_batches(worker, tasks, results) -> None:
             results.put((number, None, _sendable(exc)))
 
 
+def _serve_what_arrives(setup, tasks, results) -> None:
+    """`serve_batches` on the worker object that arrives on `setup`. It comes by a queue,
+    not as the process's argument: a spawned process reads its argument while its parent
+    waits, so a child that died before reading a large one (its start failed) would leave the
+    parent blocked in `start()`; a queue is written by a thread, and the parent goes on to
+    find the dead worker."""
+    serve_batches(setup.get(), tasks, results)
+
+
 def _exit_when_orphaned(parent_pid: int) -> None:
     """A worker's watch: once its parent is gone (killed outright), the worker exits. Its own
     wait for a task cannot tell: it may be reading a task the parent died half-way through
@@ -73,14 +82,18 @@ class WorkerPool:
         self._tasks = ctx.Queue()
         self._tasks.cancel_join_thread()  # tasks left unsent when a run fails are dropped
         self._results = ctx.Queue()
-        self._procs = [
-            ctx.Process(
-                target=serve_batches, args=(worker, self._tasks, self._results), daemon=True
+        self._procs = []
+        self._setups = []  # kept: a queue's parent side must outlive the child's start
+        for _ in range(processes):
+            setup = ctx.Queue()
+            self._setups.append(setup)
+            setup.cancel_join_thread()  # a worker that died never reads it
+            proc = ctx.Process(
+                target=_serve_what_arrives, args=(setup, self._tasks, self._results), daemon=True
             )
-            for _ in range(processes)
-        ]
-        for proc in self._procs:
             proc.start()
+            setup.put(worker)
+            self._procs.append(proc)
         self._what = what
         self._submitted = 0
         self._arrived: Dict[int, tuple] = {}
@@ -107,8 +120,8 @@ class WorkerPool:
             dead = [proc.exitcode for proc in self._procs if proc.exitcode is not None]
             if dead:
                 raise RuntimeError(
-                    f"a {self._what} worker process died (exit code {dead[0]}), e.g. out of "
-                    f"memory; run again with fewer workers"
+                    f"a {self._what} worker process died (exit code {dead[0]}): out of memory "
+                    f"(run again with fewer workers), or its start failed (its error is above)"
                 ) from None
             return
         self._arrived[number] = (value, error)

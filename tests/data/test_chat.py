@@ -19,6 +19,7 @@ from megatron_danube.data.chat.records import BadRecords, messages_of
 from megatron_danube.data.chat.template import DANUBE_TEMPLATE, resolve_template
 from megatron_danube.data.tokenizer import load_tokenizer
 from megatron_danube.errors import DanubeConfigError
+from tests.conftest import REPO
 
 MULTI_TURN = [
     {"role": "system", "content": "Be brief."},
@@ -530,3 +531,44 @@ def test_masks_from_computed_offsets_equal_masks_from_the_tokenizers(tokenizer, 
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         compared += int(a.loss_mask.any())
     assert compared > 50
+
+
+SCRIPT_WITHOUT_MAIN_GUARD = """
+import json, sys
+from megatron_danube.data.chat.dataset import RECORDS_PER_TASK, encode_files
+from megatron_danube.data.chat.encoder import ChatEncoder
+from megatron_danube.data.chat.template import DANUBE_TEMPLATE
+from megatron_danube.data.demo_chat import conversations
+from megatron_danube.data.tokenizer import load_tokenizer
+
+path = sys.argv[1]
+with open(path, "w") as f:
+    for record in conversations()[0] * 3:
+        f.write(json.dumps(record) + "\\n")
+encoder = ChatEncoder(load_tokenizer("mistral-v1"), DANUBE_TEMPLATE, 96)
+encode_files([path], encoder, "train", workers=2)
+"""
+
+
+@pytest.mark.slow  # starts a Python process and its workers
+def test_workers_that_cannot_start_fail_the_run_instead_of_hanging_it(tmp_path):
+    """A script without `if __name__ == "__main__"`: its spawned workers die while starting
+    (they re-run the script). The encoding fails with a line saying so, and Python's own
+    explanation is printed; it used to wait forever on the first worker."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(SCRIPT_WITHOUT_MAIN_GUARD)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "c.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    assert "a chat encoding worker process died" in proc.stderr, proc.stderr[-3000:]
+    assert "__main__" in proc.stderr  # Python's own words on the missing guard
