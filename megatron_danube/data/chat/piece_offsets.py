@@ -39,7 +39,7 @@ class PieceOffsets:
     segment, whether it is a UTF-8 continuation byte, and (added tokens) its own length."""
 
     def __init__(self, lengths: np.ndarray, continuation: np.ndarray, added: np.ndarray):
-        self.lengths = lengths  # normalised characters (0 for an added token)
+        self.lengths = lengths  # normalised characters of a model piece
         self.continuation = continuation  # a byte-fallback piece of a character's later byte
         self.added = added  # characters of an added token, -1 for a model piece
 
@@ -66,12 +66,11 @@ class PieceOffsets:
             byte = _fallback_byte(piece)
             if byte is None:
                 lengths[index] = len(piece)
-            else:
-                lengths[index] = 0 if 0x80 <= byte < 0xC0 else 1
+            else:  # a character's first byte stands for it; its later bytes add nothing
                 continuation[index] = 0x80 <= byte < 0xC0
+                lengths[index] = 0 if continuation[index] else 1
         for index, token in backend.get_added_tokens_decoder().items():
             added[index] = len(token.content)
-            lengths[index] = 0
         return cls(lengths, continuation, added)
 
     def of(self, ids, text_length: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
